@@ -1,0 +1,239 @@
+//! A small DERP client: dials a relay over plain TCP, upgrades, handshakes
+//! and exchanges frames. Used by `derpd probe`, `derpd bench` and the tests.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::proto::handshake::{open_server_info, seal_client_info};
+use crate::proto::{
+    ClientInfo, Frame, FrameDecoder, FrameError, HandshakeError, NodePrivate, NodePublic, Role,
+    ServerInfo,
+};
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket error.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server's HTTP answer was not a `101`.
+    #[error("upgrade refused: {0}")]
+    UpgradeRefused(String),
+    /// A malformed frame from the server.
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Handshake failure.
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The server closed the connection.
+    #[error("connection closed by server")]
+    Closed,
+    /// The URL is not `http://host:port[/derp]`.
+    #[error("unsupported URL {0:?} (want http://host:port)")]
+    BadUrl(String),
+}
+
+/// A connected, handshaken DERP client over any byte stream.
+pub struct Client<S> {
+    stream: S,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+    out: BytesMut,
+    server_key: NodePublic,
+    server_info: ServerInfo,
+    key: NodePublic,
+}
+
+/// `host:port` from `http://host:port[/…]` (or a bare `host:port`).
+pub fn host_port(url: &str) -> Result<String, ClientError> {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let hp = rest.split('/').next().unwrap_or("");
+    if hp.is_empty() || url.starts_with("https://") {
+        return Err(ClientError::BadUrl(url.to_owned()));
+    }
+    Ok(if hp.contains(':') {
+        hp.to_owned()
+    } else {
+        format!("{hp}:80")
+    })
+}
+
+impl Client<TcpStream> {
+    /// Dials `url` (`http://host:port`), upgrades and handshakes.
+    pub async fn connect(url: &str, key: &NodePrivate) -> Result<Self, ClientError> {
+        Self::connect_with(url, key, ClientInfo::default()).await
+    }
+
+    /// Like [`Client::connect`] with a custom ClientInfo (mesh key, prober…).
+    pub async fn connect_with(
+        url: &str,
+        key: &NodePrivate,
+        info: ClientInfo,
+    ) -> Result<Self, ClientError> {
+        let addr = host_port(url)?;
+        let stream = TcpStream::connect(&addr).await?;
+        stream.set_nodelay(true)?;
+        Self::upgrade_and_handshake(stream, &addr, key, info).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Sends the upgrade request on `stream`, then runs the handshake.
+    pub async fn upgrade_and_handshake(
+        mut stream: S,
+        host: &str,
+        key: &NodePrivate,
+        info: ClientInfo,
+    ) -> Result<Self, ClientError> {
+        let req = format!(
+            "GET /derp HTTP/1.1\r\nHost: {host}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nUser-Agent: derpd/{}\r\n\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > 16 << 10 {
+                return Err(ClientError::UpgradeRefused("response head too large".into()));
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(ClientError::Closed);
+            }
+        };
+        let status = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        if !status.starts_with("HTTP/1.1 101") {
+            let line = status.lines().next().unwrap_or("").to_owned();
+            return Err(ClientError::UpgradeRefused(line));
+        }
+        let _ = buf.split_to(head_end);
+        Self::handshake(stream, buf, key, info).await
+    }
+
+    /// Runs the DERP handshake on an upgraded stream; `buf` holds any bytes
+    /// already read past the HTTP response.
+    pub async fn handshake(
+        stream: S,
+        buf: BytesMut,
+        key: &NodePrivate,
+        info: ClientInfo,
+    ) -> Result<Self, ClientError> {
+        let mut c = Client {
+            stream,
+            buf,
+            decoder: FrameDecoder::new(Role::Client),
+            out: BytesMut::with_capacity(64 << 10),
+            server_key: NodePublic::ZERO,
+            server_info: ServerInfo::default(),
+            key: key.public(),
+        };
+        let server_key = match c.recv().await? {
+            Frame::ServerKey { key } => key,
+            f => return Err(HandshakeError::FirstFrameNotServerKey(f.type_byte()).into()),
+        };
+        c.send(&seal_client_info(key, &server_key, &info)).await?;
+        let info = match c.recv().await? {
+            Frame::ServerInfo { nonce, sealed } => open_server_info(key, &server_key, &nonce, &sealed)?,
+            f => return Err(HandshakeError::SecondFrameNotServerInfo(f.type_byte()).into()),
+        };
+        c.server_key = server_key;
+        c.server_info = info;
+        Ok(c)
+    }
+
+    /// The relay's public key.
+    pub fn server_key(&self) -> NodePublic {
+        self.server_key
+    }
+
+    /// What the relay said in ServerInfo.
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.server_info
+    }
+
+    /// Our public key.
+    pub fn public_key(&self) -> NodePublic {
+        self.key
+    }
+
+    /// Queues a frame without flushing; see [`Client::flush`].
+    pub fn queue(&mut self, frame: &Frame) {
+        frame.encode(&mut self.out);
+    }
+
+    /// Writes every queued frame.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        self.queue(frame);
+        self.flush().await
+    }
+
+    /// Writes raw bytes (for tests of malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Sends a packet to `dst`.
+    pub async fn send_packet(&mut self, dst: NodePublic, payload: &[u8]) -> Result<(), ClientError> {
+        self.send(&Frame::SendPacket {
+            dst,
+            payload: Bytes::copy_from_slice(payload),
+        })
+        .await
+    }
+
+    /// Receives the next frame (any type, KeepAlive included).
+    pub async fn recv(&mut self) -> Result<Frame, ClientError> {
+        loop {
+            if let Some(f) = self.decoder.decode(&mut self.buf)? {
+                return Ok(f);
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(64 << 10);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    /// Receives the next frame, or `None` after `limit`.
+    pub async fn recv_timeout(&mut self, limit: Duration) -> Result<Option<Frame>, ClientError> {
+        match tokio::time::timeout(limit, self.recv()).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Receives the next RecvPacket, skipping KeepAlives.
+    pub async fn recv_packet(&mut self) -> Result<(NodePublic, Bytes), ClientError> {
+        loop {
+            match self.recv().await? {
+                Frame::RecvPacket { src, payload } => return Ok((src, payload)),
+                Frame::KeepAlive => continue,
+                Frame::Ping(d) => self.send(&Frame::Pong(d)).await?,
+                _ => continue,
+            }
+        }
+    }
+
+    /// The underlying stream.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}

@@ -1,0 +1,145 @@
+//! Parsing the first request head of a connection (with `httparse`), so a
+//! DERP upgrade can be answered byte-exactly and hand the raw socket, plus
+//! whatever the client pipelined after the head, to the relay.
+
+/// Largest request head accepted.
+pub const MAX_HEAD_LEN: usize = 16 << 10;
+/// Most headers accepted in one request.
+pub const MAX_HEADERS: usize = 64;
+
+/// The parts of a request head the front door decides on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Method, e.g. `GET`.
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// `Upgrade` header value, lower-cased.
+    pub upgrade: Option<String>,
+    /// `Sec-WebSocket-Protocol` header value.
+    pub ws_protocol: Option<String>,
+    /// `Derp-Fast-Start: 1` was sent.
+    pub fast_start: bool,
+    /// An `Ideal-Node` header was sent.
+    pub ideal_node: bool,
+}
+
+/// Why a head could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Not HTTP/1.x syntax.
+    #[error("malformed HTTP request: {0}")]
+    Malformed(String),
+    /// More than [`MAX_HEAD_LEN`] bytes without the end of the head.
+    #[error("request head larger than {MAX_HEAD_LEN} bytes")]
+    TooLarge,
+}
+
+impl RequestHead {
+    /// Whether this is a raw DERP upgrade (`Upgrade: DERP`, or the legacy
+    /// `Upgrade: websocket` without the `derp` WebSocket subprotocol).
+    pub fn is_raw_derp_upgrade(&self) -> bool {
+        self.path == "/derp"
+            && match self.upgrade.as_deref() {
+                Some("derp") => true,
+                Some("websocket") => !self.is_websocket_derp(),
+                _ => false,
+            }
+    }
+
+    /// Whether this asks for DERP over WebSocket (subprotocol `derp`).
+    pub fn is_websocket_derp(&self) -> bool {
+        self.upgrade.as_deref() == Some("websocket")
+            && self
+                .ws_protocol
+                .as_deref()
+                .is_some_and(|p| p.contains("derp"))
+    }
+}
+
+/// Parses a request head from the start of `buf`.
+///
+/// `Ok(None)`: incomplete, read more. `Ok(Some((head, n)))`: the head is
+/// `buf[..n]`; anything after it belongs to the body or the DERP stream.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_LEN => {
+            return Err(HeadError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    if n > MAX_HEAD_LEN {
+        return Err(HeadError::TooLarge);
+    }
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+    };
+    let target = req.path.unwrap_or("/");
+    let path = target.split('?').next().unwrap_or("/").to_owned();
+    Ok(Some((
+        RequestHead {
+            method: req.method.unwrap_or("").to_owned(),
+            path,
+            upgrade: header("upgrade").map(|u| u.to_ascii_lowercase()),
+            ws_protocol: header("sec-websocket-protocol"),
+            fast_start: header("derp-fast-start").as_deref() == Some("1"),
+            ideal_node: header("ideal-node").is_some(),
+        },
+        n,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_go_client_upgrade_with_pipelined_bytes() {
+        let req = b"GET /derp HTTP/1.1\r\nHost: derp.example.com\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nIdeal-Node: 900a\r\n\r\n\x02\x00\x00";
+        let (head, n) = parse_head(req).unwrap().unwrap();
+        assert_eq!(&req[n..], b"\x02\x00\x00");
+        assert!(head.is_raw_derp_upgrade());
+        assert!(head.ideal_node);
+        assert!(!head.fast_start);
+    }
+
+    #[test]
+    fn post_upgrade_and_fast_start() {
+        let req = b"POST /derp HTTP/1.1\r\nHost: 127.0.0.1:3340\r\nupgrade: derp\r\nDerp-Fast-Start: 1\r\n\r\n";
+        let (head, _) = parse_head(req).unwrap().unwrap();
+        assert!(head.is_raw_derp_upgrade());
+        assert!(head.fast_start);
+    }
+
+    #[test]
+    fn websocket_variants() {
+        let ws = b"GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Protocol: derp\r\n\r\n";
+        let (head, _) = parse_head(ws).unwrap().unwrap();
+        assert!(head.is_websocket_derp());
+        assert!(!head.is_raw_derp_upgrade());
+        let legacy = b"GET /derp HTTP/1.1\r\nUpgrade: WebSocket\r\n\r\n";
+        let (head, _) = parse_head(legacy).unwrap().unwrap();
+        assert!(head.is_raw_derp_upgrade());
+    }
+
+    #[test]
+    fn partial_oversized_and_garbage() {
+        assert_eq!(parse_head(b"GET /derp HTTP/1.1\r\nHost: x\r\n"), Ok(None));
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD_LEN + 10, b'a');
+        assert_eq!(parse_head(&big), Err(HeadError::TooLarge));
+        assert!(matches!(
+            parse_head(b"\x16\x03\x01\x02\x00garbage\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        let path_only = b"GET /derp?x=1 HTTP/1.1\r\n\r\n";
+        assert_eq!(parse_head(path_only).unwrap().unwrap().0.path, "/derp");
+    }
+}

@@ -1,0 +1,179 @@
+//! The front door: accepts TCP connections, reads the first request head,
+//! and either upgrades to DERP directly on the socket (byte-exact `101`, or
+//! no response at all for fast start) or hands the connection to hyper for
+//! every other endpoint.
+
+pub mod head;
+pub mod prefixed;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::NodePublic;
+use crate::relay::{AcceptOptions, Relay};
+use head::{parse_head, HeadError, RequestHead};
+use prefixed::Prefixed;
+
+/// How long a client may take to send its first request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the HTTP layer needs. Cheap to clone.
+#[derive(Clone)]
+pub struct Front {
+    /// The relay that upgraded connections are handed to.
+    pub relay: Relay,
+    inner: Arc<FrontConfig>,
+}
+
+/// Settings of the front door.
+#[derive(Debug, Clone, Default)]
+pub struct FrontConfig {
+    /// Whether to honour `Derp-Fast-Start: 1` (write no HTTP response).
+    pub fast_start: bool,
+}
+
+impl Front {
+    /// A front door for `relay`.
+    pub fn new(relay: Relay, config: FrontConfig) -> Front {
+        Front {
+            relay,
+            inner: Arc::new(config),
+        }
+    }
+}
+
+/// The headers of the `101 Switching Protocols` answer to a DERP upgrade.
+pub fn upgrade_headers(key: &NodePublic) -> [(&'static str, String); 4] {
+    [
+        ("upgrade", "DERP".to_owned()),
+        ("connection", "Upgrade".to_owned()),
+        ("derp-version", crate::proto::limits::PROTOCOL_VERSION.to_string()),
+        ("derp-public-key", key.to_hex()),
+    ]
+}
+
+/// The exact `101` head Tailscale's relay writes before the ServerKey frame.
+pub fn upgrade_response_head(key: &NodePublic) -> Bytes {
+    Bytes::from(format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: {}\r\nDerp-Public-Key: {}\r\n\r\n",
+        crate::proto::limits::PROTOCOL_VERSION,
+        key.to_hex()
+    ))
+}
+
+/// Accepts connections on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, front: Front, shutdown: CancellationToken) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let front = front.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_tcp(stream, remote, front).await {
+                tracing::debug!(%remote, error = %e, "connection ended with error");
+            }
+        });
+    }
+}
+
+/// Serves one accepted TCP connection.
+pub async fn serve_tcp(stream: TcpStream, remote: SocketAddr, front: Front) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    let mut buf = BytesMut::with_capacity(2048);
+    let head = match timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(HeadFailure::Io(e))) => return Err(e),
+        Ok(Err(HeadFailure::Head(e))) => {
+            let (status, reason) = match e {
+                HeadError::TooLarge => (431, "Request Header Fields Too Large"),
+                HeadError::Malformed(_) => (400, "Bad Request"),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{e}\n",
+                e.to_string().len() + 1
+            );
+            let _ = timeout(Duration::from_secs(2), stream.write_all(resp.as_bytes())).await;
+            return Ok(());
+        }
+        Err(_) => return Ok(()),
+    };
+    let (head, head_len) = head;
+    if head.is_raw_derp_upgrade() {
+        let _ = buf.split_to(head_len);
+        let preamble = if head.fast_start && front.inner.fast_start {
+            Bytes::new()
+        } else {
+            upgrade_response_head(&front.relay.public_key())
+        };
+        let opts = AcceptOptions {
+            preamble,
+            not_ideal: head.ideal_node,
+        };
+        let (r, w) = stream.into_split();
+        front.relay.serve_conn(r, w, buf, remote, opts).await;
+        return Ok(());
+    }
+    serve_hyper(Prefixed::new(buf, stream), remote, front).await
+}
+
+/// Serves a connection with hyper (HTTP/1.1, keep-alive, upgrades).
+pub async fn serve_hyper<T>(io: T, remote: SocketAddr, front: Front) -> std::io::Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| routes::handle(front.clone(), remote, req));
+    http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(64 << 10)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await
+        .map_err(std::io::Error::other)
+}
+
+enum HeadFailure {
+    Io(std::io::Error),
+    Head(HeadError),
+}
+
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<(RequestHead, usize)>, HeadFailure> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(h) = parse_head(buf).map_err(HeadFailure::Head)? {
+                return Ok(Some(h));
+            }
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(2048);
+        }
+        if stream.read_buf(buf).await.map_err(HeadFailure::Io)? == 0 {
+            return Ok(None);
+        }
+    }
+}

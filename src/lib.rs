@@ -1,0 +1,15 @@
+//! derpd: a high-performance DERP relay and headscale companion.
+//!
+//! Layers, top to bottom: [`http`] accepts connections and routes requests,
+//! [`relay`] runs connected clients and forwards packets, [`proto`] is the
+//! pure DERP protocol. [`client`] is a small DERP client used by the probe,
+//! the benchmark and the tests.
+
+pub mod client;
+pub mod http;
+pub mod metrics;
+pub mod proto;
+pub mod keyfile;
+pub mod relay;
+pub mod server;
+pub mod stun;

@@ -1,0 +1,353 @@
+//! Every Prometheus metric derpd exports, defined in one place.
+//!
+//! Hot-path counters are resolved to their label children once, at startup,
+//! so counting a packet is a single atomic add.
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Why a packet was dropped (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Destination not connected here or in the mesh.
+    UnknownDest,
+    /// Forwarded packet whose destination is not connected here.
+    UnknownDestOnFwd,
+    /// Destination connection was closing.
+    GoneDisconnected,
+    /// Oldest queued packet evicted by a newer one.
+    QueueHead,
+    /// New packet dropped because the queue stayed full.
+    QueueTail,
+    /// Writing to the destination failed.
+    WriteError,
+    /// Destination key had duplicate connections and none was active.
+    DupClient,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 7] = [
+        DropReason::UnknownDest,
+        DropReason::UnknownDestOnFwd,
+        DropReason::GoneDisconnected,
+        DropReason::QueueHead,
+        DropReason::QueueTail,
+        DropReason::WriteError,
+        DropReason::DupClient,
+    ];
+
+    /// The label value (as Tailscale's relay names it).
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::UnknownDest => "unknown_dest",
+            DropReason::UnknownDestOnFwd => "unknown_dest_on_fwd",
+            DropReason::GoneDisconnected => "gone_disconnected",
+            DropReason::QueueHead => "queue_head",
+            DropReason::QueueTail => "queue_tail",
+            DropReason::WriteError => "write_error",
+            DropReason::DupClient => "dup_client",
+        }
+    }
+}
+
+/// Counter pair (packets, bytes) for one label combination.
+#[derive(Clone)]
+pub struct PacketCounter {
+    /// Packets.
+    pub packets: IntCounter,
+    /// Payload bytes.
+    pub bytes: IntCounter,
+}
+
+impl PacketCounter {
+    /// Counts one packet of `len` payload bytes.
+    #[inline]
+    pub fn add(&self, packets: u64, bytes: u64) {
+        self.packets.inc_by(packets);
+        self.bytes.inc_by(bytes);
+    }
+}
+
+/// All of derpd's metrics.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Connections handed to the DERP layer.
+    pub accepts: IntCounter,
+    /// Connections currently in the DERP layer (duplicates counted individually).
+    pub current_connections: IntGauge,
+    /// Connections that sent NotePreferred(true).
+    pub current_home_connections: IntGauge,
+    /// Connections that sent an `Ideal-Node` header.
+    pub current_notideal_connections: IntGauge,
+    /// Distinct keys connected locally.
+    pub clients_local: IntGauge,
+    /// Keys with two or more connections.
+    pub current_dup_client_keys: IntGauge,
+    /// Connections belonging to such keys.
+    pub current_dup_client_conns: IntGauge,
+    /// Connections accepted while their key was already connected.
+    pub dup_client_conns_total: IntCounter,
+    handshake_failures: IntCounterVec,
+    /// Packets received from clients, disco kind.
+    pub received_disco: PacketCounter,
+    /// Packets received from clients, other kind.
+    pub received_other: PacketCounter,
+    /// Packets written to clients.
+    pub sent: PacketCounter,
+    dropped: [[PacketCounter; 2]; 7],
+    /// PeerGone(Disconnected) frames written.
+    pub peer_gone_disconnected_frames: IntCounter,
+    /// PeerGone(NotHere) frames written.
+    pub peer_gone_not_here_frames: IntCounter,
+    /// Pings received.
+    pub pings_received: IntCounter,
+    /// Pongs sent.
+    pub pongs_sent: IntCounter,
+    /// Frames skipped because this side does not act on their type.
+    pub unknown_frames: IntCounter,
+    /// Writers that ended on the write timeout.
+    pub write_timeouts: IntCounter,
+    /// Mesh watchers subscribed.
+    pub watchers: IntGauge,
+    /// Packets forwarded to mesh peers.
+    pub packets_forwarded_out: IntCounter,
+    /// Packets received from mesh peers.
+    pub packets_forwarded_in: IntCounter,
+    /// Connections refused for presenting mesh-only frames without the mesh key.
+    pub mesh_frame_refusals: IntCounter,
+    /// Frames written per flush, summed (with `write_batches` gives the average batch).
+    pub write_batch_frames: IntCounter,
+    /// Flushes (vectored write batches).
+    pub write_batches: IntCounter,
+    /// HTTP requests by route and status.
+    pub http_requests: IntCounterVec,
+    /// Build information.
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+/// Kind label of a packet.
+pub fn kind_label(disco: bool) -> &'static str {
+    if disco {
+        "disco"
+    } else {
+        "other"
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let received_packets = counter_vec(
+            &r,
+            "derp_packets_received_total",
+            "Packets received from DERP clients (SendPacket), by kind.",
+            &["kind"],
+        );
+        let received_bytes = counter_vec(
+            &r,
+            "derp_received_bytes_total",
+            "Payload bytes received from DERP clients (SendPacket), by kind.",
+            &["kind"],
+        );
+        let dropped_packets = counter_vec(
+            &r,
+            "derp_packets_dropped_total",
+            "Packets dropped, by reason and kind.",
+            &["reason", "kind"],
+        );
+        let dropped_bytes = counter_vec(
+            &r,
+            "derp_dropped_bytes_total",
+            "Payload bytes dropped, by reason and kind.",
+            &["reason", "kind"],
+        );
+        let pc = |p: &IntCounterVec, b: &IntCounterVec, labels: &[&str]| PacketCounter {
+            packets: p.with_label_values(labels),
+            bytes: b.with_label_values(labels),
+        };
+        let dropped = DropReason::ALL.map(|reason| {
+            [false, true].map(|disco| {
+                pc(
+                    &dropped_packets,
+                    &dropped_bytes,
+                    &[reason.label(), kind_label(disco)],
+                )
+            })
+        });
+        let handshake_failures = counter_vec(
+            &r,
+            "derp_handshake_failures_total",
+            "DERP handshakes that failed, by reason.",
+            &["reason"],
+        );
+        let build_info = IntGaugeVec::new(
+            Opts::new("derpd_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(build_info.clone())).expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let sent_packets = counter(
+            &r,
+            "derp_packets_sent_total",
+            "Packets written to DERP clients (RecvPacket).",
+        );
+        let sent_bytes = counter(
+            &r,
+            "derp_sent_bytes_total",
+            "Payload bytes written to DERP clients (RecvPacket).",
+        );
+        Metrics {
+            accepts: counter(
+                &r,
+                "derp_accepts_total",
+                "Connections handed to the DERP layer, including failed handshakes.",
+            ),
+            current_connections: gauge(
+                &r,
+                "derp_current_connections",
+                "DERP connections open now (duplicates counted individually).",
+            ),
+            current_home_connections: gauge(
+                &r,
+                "derp_current_home_connections",
+                "Connections whose client says this relay is its home.",
+            ),
+            current_notideal_connections: gauge(
+                &r,
+                "derp_current_notideal_connections",
+                "Connections whose client is not on the first node of its region.",
+            ),
+            clients_local: gauge(&r, "derp_clients_local", "Distinct node keys connected here."),
+            current_dup_client_keys: gauge(
+                &r,
+                "derp_current_dup_client_keys",
+                "Node keys with two or more connections.",
+            ),
+            current_dup_client_conns: gauge(
+                &r,
+                "derp_current_dup_client_conns",
+                "Connections belonging to node keys with two or more connections.",
+            ),
+            dup_client_conns_total: counter(
+                &r,
+                "derp_dup_client_conns_total",
+                "Connections accepted while their node key was already connected.",
+            ),
+            handshake_failures,
+            received_disco: pc(&received_packets, &received_bytes, &["disco"]),
+            received_other: pc(&received_packets, &received_bytes, &["other"]),
+            sent: PacketCounter {
+                packets: sent_packets,
+                bytes: sent_bytes,
+            },
+            dropped,
+            peer_gone_disconnected_frames: counter(
+                &r,
+                "derp_peer_gone_disconnected_frames_total",
+                "PeerGone(Disconnected) frames written.",
+            ),
+            peer_gone_not_here_frames: counter(
+                &r,
+                "derp_peer_gone_not_here_frames_total",
+                "PeerGone(NotHere) frames written.",
+            ),
+            pings_received: counter(&r, "derp_pings_received_total", "Ping frames received."),
+            pongs_sent: counter(&r, "derp_pongs_sent_total", "Pong frames written."),
+            unknown_frames: counter(
+                &r,
+                "derp_unknown_frames_total",
+                "Frames from clients of types the server does not act on (skipped).",
+            ),
+            write_timeouts: counter(
+                &r,
+                "derp_write_timeouts_total",
+                "Client connections closed because a write did not finish in time.",
+            ),
+            watchers: gauge(&r, "derp_watchers", "Mesh watchers subscribed to connection events."),
+            packets_forwarded_out: counter(
+                &r,
+                "derp_packets_forwarded_out_total",
+                "Packets forwarded to mesh peers.",
+            ),
+            packets_forwarded_in: counter(
+                &r,
+                "derp_packets_forwarded_in_total",
+                "Packets received from mesh peers for local delivery.",
+            ),
+            mesh_frame_refusals: counter(
+                &r,
+                "derp_mesh_frame_refusals_total",
+                "Connections closed for sending a mesh-only frame without the mesh key.",
+            ),
+            write_batch_frames: counter(
+                &r,
+                "derp_write_batch_frames_total",
+                "Frames written to clients, summed over write batches.",
+            ),
+            write_batches: counter(
+                &r,
+                "derp_write_batches_total",
+                "Vectored write batches to clients.",
+            ),
+            http_requests: counter_vec(
+                &r,
+                "derpd_http_requests_total",
+                "HTTP requests on the main listener, by route and status code.",
+                &["route", "code"],
+            ),
+            build_info,
+            registry: r,
+        }
+    }
+
+    /// The drop counter for a reason and kind.
+    #[inline]
+    pub fn dropped(&self, reason: DropReason, disco: bool) -> &PacketCounter {
+        &self.dropped[reason as usize][usize::from(disco)]
+    }
+
+    /// Counts a failed handshake.
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("Prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,298 @@
+//! The running relay: accepts upgraded connections, runs the server side of
+//! the handshake, registers clients and forwards their packets.
+//!
+//! Each client is a reader (the task that accepted it) plus a writer task,
+//! joined by the client's bounded [`outbox::Outbox`].
+
+pub mod conn;
+pub mod outbox;
+pub mod reader;
+pub mod registry;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{DropReason, Metrics};
+use crate::proto::handshake::{open_client_info, seal_server_info};
+use crate::proto::{
+    ClientInfo, Frame, FrameDecoder, HandshakeError, MeshKey, NodePrivate, NodePublic, Role,
+    ServerInfo,
+};
+use conn::ClientConn;
+use outbox::Outbox;
+use reader::{Reader, ReaderEnd};
+use registry::Registry;
+
+/// Tunables of the relay core.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Packets queued per destination (regular and disco each).
+    pub queue_depth: usize,
+    /// Write deadline for regular clients (`None` = no deadline).
+    pub write_timeout: Option<Duration>,
+    /// Write deadline for mesh peers.
+    pub mesh_write_timeout: Option<Duration>,
+    /// Deadline for the whole handshake (ServerKey out, ClientInfo in).
+    pub handshake_timeout: Duration,
+    /// KeepAlive period (plus a per-connection jitter).
+    pub keepalive_interval: Duration,
+    /// Upper bound of the per-connection keepalive jitter.
+    pub keepalive_jitter: Duration,
+    /// Control frames queued per regular client before new ones are dropped.
+    pub control_queue_cap: usize,
+    /// Control frames queued per mesh peer (PeerPresent floods).
+    pub mesh_control_queue_cap: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            queue_depth: 32,
+            write_timeout: Some(Duration::from_secs(2)),
+            mesh_write_timeout: Some(Duration::from_secs(30)),
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_jitter: Duration::from_secs(5),
+            control_queue_cap: 1024,
+            mesh_control_queue_cap: 1 << 18,
+        }
+    }
+}
+
+/// State shared by every connection of one relay.
+pub struct Shared {
+    /// Core tunables.
+    pub config: RelayConfig,
+    private_key: NodePrivate,
+    /// The relay's public node key.
+    pub public_key: NodePublic,
+    mesh_key: Option<MeshKey>,
+    /// Connected clients.
+    pub registry: Registry,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the relay shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// How a connection reached the relay (from the HTTP layer).
+#[derive(Debug, Clone, Default)]
+pub struct AcceptOptions {
+    /// Bytes to write before the ServerKey frame, in the same write (the
+    /// `101 Switching Protocols` head; empty for fast start).
+    pub preamble: Bytes,
+    /// The client sent an `Ideal-Node` header.
+    pub not_ideal: bool,
+}
+
+/// Why a connection ended before or during its life as a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The handshake did not finish within the deadline.
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// The handshake failed.
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// A malformed frame during the handshake.
+    #[error("bad frame during handshake: {0}")]
+    Frame(#[from] crate::proto::FrameError),
+    /// The socket failed or closed during the handshake.
+    #[error("i/o during handshake: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    fn label(&self) -> &'static str {
+        match self {
+            ConnError::HandshakeTimeout => "timeout",
+            ConnError::Handshake(HandshakeError::FirstFrameNotClientInfo(_)) => "not_client_info",
+            ConnError::Handshake(HandshakeError::BoxOpenFailed) => "box_open",
+            ConnError::Handshake(HandshakeError::BadMeshKey) => "bad_mesh_key",
+            ConnError::Handshake(_) => "bad_client_info",
+            ConnError::Frame(_) => "bad_frame",
+            ConnError::Io(_) => "io",
+        }
+    }
+}
+
+/// A DERP relay. Cheap to clone.
+#[derive(Clone)]
+pub struct Relay {
+    shared: Arc<Shared>,
+}
+
+impl Relay {
+    /// A relay with the given key, optional mesh key and metrics.
+    pub fn new(
+        private_key: NodePrivate,
+        mesh_key: Option<MeshKey>,
+        config: RelayConfig,
+        metrics: Arc<Metrics>,
+    ) -> Relay {
+        let public_key = private_key.public();
+        Relay {
+            shared: Arc::new(Shared {
+                config,
+                private_key,
+                public_key,
+                mesh_key,
+                registry: Registry::new(metrics.clone()),
+                metrics,
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The relay's public key.
+    pub fn public_key(&self) -> NodePublic {
+        self.shared.public_key
+    }
+
+    /// Shared state (registry, metrics, config).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Closes every client connection.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Serves one upgraded connection until it ends: handshake, then the
+    /// client's reader runs here and its writer in a task of its own.
+    /// `buf` holds bytes the HTTP layer read past the request head.
+    pub async fn serve_conn<R, W>(
+        &self,
+        mut r: R,
+        mut w: W,
+        mut buf: BytesMut,
+        remote: SocketAddr,
+        opts: AcceptOptions,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = &self.shared;
+        shared.metrics.accepts.inc();
+        let hs = timeout(
+            shared.config.handshake_timeout,
+            self.handshake(&mut r, &mut w, &mut buf, &opts),
+        )
+        .await
+        .unwrap_or(Err(ConnError::HandshakeTimeout));
+        let (client_key, info) = match hs {
+            Ok(v) => v,
+            Err(e) => {
+                shared.metrics.handshake_failed(e.label());
+                tracing::debug!(%remote, error = %e, "handshake failed");
+                return;
+            }
+        };
+        let can_mesh = match (&shared.mesh_key, &info.mesh_key) {
+            (Some(ours), Some(theirs)) => ours.matches(theirs),
+            _ => false,
+        };
+        let server_info = seal_server_info(
+            &shared.private_key,
+            &client_key,
+            &ServerInfo::current(0, 0),
+        )
+        .to_bytes();
+        let control_cap = if can_mesh {
+            shared.config.mesh_control_queue_cap
+        } else {
+            shared.config.control_queue_cap
+        };
+        let conn = Arc::new(ClientConn::new(
+            client_key,
+            remote,
+            can_mesh,
+            info.is_prober,
+            opts.not_ideal,
+            Outbox::new(shared.config.queue_depth, control_cap),
+            shared.shutdown.child_token(),
+        ));
+        if opts.not_ideal {
+            shared.metrics.current_notideal_connections.inc();
+        }
+        shared.registry.register(conn.clone());
+        tracing::debug!(%remote, key = %client_key, can_mesh, conn = conn.id, "client connected");
+
+        let writer = tokio::spawn(writer::run(w, conn.clone(), shared.clone(), server_info));
+        let mut reader = Reader::new(conn.clone(), shared.clone());
+        let end = reader.run(&mut r, buf).await;
+        conn.cancel.cancel();
+        let leftover = conn.outbox.close();
+        writer::count_batch_drops(shared, &leftover, DropReason::GoneDisconnected);
+        reader.finish();
+        let sent_to = std::mem::take(&mut reader.sent_to);
+        shared.registry.unregister(&conn, sent_to);
+        if opts.not_ideal {
+            shared.metrics.current_notideal_connections.dec();
+        }
+        let wend = writer.await;
+        match &end {
+            ReaderEnd::Eof | ReaderEnd::Closed => {
+                tracing::debug!(%remote, key = %client_key, conn = conn.id, writer = ?wend.ok(), "client disconnected")
+            }
+            e => {
+                tracing::info!(%remote, key = %client_key, conn = conn.id, error = %e, "client connection closed")
+            }
+        }
+    }
+
+    /// Server side of the handshake: ServerKey out, ClientInfo in and opened.
+    async fn handshake<R, W>(
+        &self,
+        r: &mut R,
+        w: &mut W,
+        buf: &mut BytesMut,
+        opts: &AcceptOptions,
+    ) -> Result<(NodePublic, ClientInfo), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let shared = &self.shared;
+        let mut out = BytesMut::with_capacity(opts.preamble.len() + 45);
+        out.extend_from_slice(&opts.preamble);
+        Frame::ServerKey {
+            key: shared.public_key,
+        }
+        .encode(&mut out);
+        w.write_all(&out).await?;
+        w.flush().await?;
+
+        let mut dec = FrameDecoder::new(Role::Server);
+        let frame = loop {
+            if let Some(f) = dec.decode(buf)? {
+                break f;
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            if r.read_buf(buf).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        };
+        let Frame::ClientInfo { key, nonce, sealed } = frame else {
+            let t = frame.type_byte();
+            return Err(HandshakeError::FirstFrameNotClientInfo(t).into());
+        };
+        let info = open_client_info(&shared.private_key, &key, &nonce, &sealed)?;
+        Ok((key, info))
+    }
+}

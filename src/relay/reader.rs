@@ -1,0 +1,277 @@
+//! A connection's reader: decodes frames out of large read buffers and acts
+//! on them. Packets are routed straight into the destination's outbox; the
+//! payload is a slice of this reader's buffer, never copied.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::conn::ClientConn;
+use super::outbox::{Enqueued, QueuedPacket};
+use super::registry::SentTo;
+use super::Shared;
+use crate::metrics::DropReason;
+use crate::proto::limits::looks_like_disco;
+use crate::proto::{Frame, FrameDecoder, FrameError, NodePublic, PeerGoneReason, Role};
+
+/// Bytes requested from the socket per read when the buffer runs low.
+pub const READ_CHUNK: usize = 64 << 10;
+
+/// Why a reader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderEnd {
+    /// The client closed the connection.
+    #[error("client closed the connection")]
+    Eof,
+    /// The connection was closed from our side.
+    #[error("connection closed by the relay")]
+    Closed,
+    /// The client sent a malformed frame.
+    #[error("malformed frame: {0}")]
+    BadFrame(#[from] FrameError),
+    /// A mesh-only frame from a client without the mesh key.
+    #[error("mesh-only frame {0:#04x} from a client without the mesh key")]
+    MeshOnlyFrame(u8),
+    /// The socket failed.
+    #[error("read error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Token bucket for PeerGone(NotHere) replies: burst 3, one per second.
+struct NotHereLimiter {
+    tokens: f64,
+    last: Instant,
+}
+
+impl NotHereLimiter {
+    const BURST: f64 = 3.0;
+
+    fn new() -> Self {
+        NotHereLimiter {
+            tokens: Self::BURST,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Per-reader state.
+pub struct Reader {
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    decoder: FrameDecoder,
+    /// Where this connection's packets went (for PeerGone when it leaves).
+    pub sent_to: SentTo,
+    last_dst: Option<(NodePublic, u64)>,
+    not_here: NotHereLimiter,
+    connected_at: Instant,
+}
+
+/// Received-packet counts accumulated over one read, flushed once.
+#[derive(Default)]
+struct Tally {
+    disco: (u64, u64),
+    other: (u64, u64),
+}
+
+impl Reader {
+    /// A reader for a registered connection.
+    pub fn new(conn: Arc<ClientConn>, shared: Arc<Shared>) -> Reader {
+        let mut decoder = FrameDecoder::new(Role::Server);
+        decoder.allow_mesh_frames(conn.can_mesh);
+        Reader {
+            conn,
+            shared,
+            decoder,
+            sent_to: SentTo::new(),
+            last_dst: None,
+            not_here: NotHereLimiter::new(),
+            connected_at: Instant::now(),
+        }
+    }
+
+    /// Reads and handles frames until the connection ends. `buf` holds any
+    /// bytes already read past the handshake.
+    pub async fn run<R: AsyncRead + Unpin>(&mut self, r: &mut R, mut buf: BytesMut) -> ReaderEnd {
+        let cancel = self.conn.cancel.clone();
+        loop {
+            if let Err(e) = self.drain(&mut buf) {
+                return e;
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(READ_CHUNK);
+            }
+            let n = tokio::select! {
+                r = r.read_buf(&mut buf) => r,
+                _ = cancel.cancelled() => return ReaderEnd::Closed,
+            };
+            match n {
+                Ok(0) => return ReaderEnd::Eof,
+                Ok(_) => {}
+                Err(e) => return ReaderEnd::Io(e),
+            }
+        }
+    }
+
+    /// Handles every complete frame in `buf`.
+    fn drain(&mut self, buf: &mut BytesMut) -> Result<(), ReaderEnd> {
+        let mut tally = Tally::default();
+        let result = loop {
+            match self.decoder.decode(buf) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.handle(frame, &mut tally) {
+                        break Err(e);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(FrameError::MeshOnly(t)) => {
+                    self.shared.metrics.mesh_frame_refusals.inc();
+                    break Err(ReaderEnd::MeshOnlyFrame(t as u8));
+                }
+                Err(e) => break Err(e.into()),
+            }
+        };
+        let m = &self.shared.metrics;
+        if tally.disco.0 > 0 {
+            m.received_disco.add(tally.disco.0, tally.disco.1);
+        }
+        if tally.other.0 > 0 {
+            m.received_other.add(tally.other.0, tally.other.1);
+        }
+        result
+    }
+
+    fn handle(&mut self, frame: Frame, tally: &mut Tally) -> Result<(), ReaderEnd> {
+        if !matches!(frame, Frame::Ignored { .. }) {
+            self.shared.registry.note_activity(&self.conn);
+        }
+        match frame {
+            Frame::SendPacket { dst, payload } => {
+                let disco = looks_like_disco(&payload);
+                let t = if disco {
+                    &mut tally.disco
+                } else {
+                    &mut tally.other
+                };
+                t.0 += 1;
+                t.1 += payload.len() as u64;
+                self.route(dst, payload, disco);
+            }
+            Frame::ForwardPacket { src, dst, payload } => {
+                self.shared.metrics.packets_forwarded_in.inc();
+                let disco = looks_like_disco(&payload);
+                match self.shared.registry.lookup(&dst) {
+                    Some(d) => self.shared.enqueue(&d, src, payload, disco),
+                    None => self
+                        .shared
+                        .metrics
+                        .dropped(DropReason::UnknownDestOnFwd, disco)
+                        .add(1, payload.len() as u64),
+                }
+            }
+            Frame::NotePreferred(p) => self.note_preferred(p),
+            Frame::WatchConns => {
+                if self.conn.key != self.shared.public_key {
+                    self.shared.registry.add_watcher(&self.conn);
+                }
+            }
+            Frame::ClosePeer { key } => {
+                let n = self.shared.registry.close_key(&key);
+                tracing::debug!(peer = %key, closed = n, "ClosePeer from mesh peer");
+            }
+            Frame::Ping(data) => {
+                self.shared.metrics.pings_received.inc();
+                self.conn.outbox.set_pong(data);
+            }
+            Frame::Ignored { .. } | Frame::ClientInfo { .. } => {
+                self.shared.metrics.unknown_frames.inc();
+            }
+            // The server-role decoder yields no other frame types.
+            _ => self.shared.metrics.unknown_frames.inc(),
+        }
+        Ok(())
+    }
+
+    /// Routes a SendPacket from this connection to `dst`.
+    fn route(&mut self, dst: NodePublic, payload: bytes::Bytes, disco: bool) {
+        let shared = &self.shared;
+        match shared.registry.lookup(&dst) {
+            Some(d) => {
+                if self.last_dst != Some((dst, d.id)) {
+                    self.last_dst = Some((dst, d.id));
+                    self.sent_to.insert(dst, d.id);
+                }
+                shared.enqueue(&d, self.conn.key, payload, disco);
+            }
+            None => {
+                shared
+                    .metrics
+                    .dropped(DropReason::UnknownDest, disco)
+                    .add(1, payload.len() as u64);
+                if disco && self.not_here.allow() {
+                    self.conn.outbox.push_control(Frame::PeerGone {
+                        key: dst,
+                        reason: PeerGoneReason::NotHere,
+                    });
+                }
+            }
+        }
+    }
+
+    fn note_preferred(&self, preferred: bool) {
+        let was = self.conn.preferred.swap(preferred, Ordering::Relaxed);
+        if was == preferred {
+            return;
+        }
+        let m = &self.shared.metrics;
+        if preferred {
+            m.current_home_connections.inc();
+        } else {
+            m.current_home_connections.dec();
+        }
+        if self.connected_at.elapsed() > Duration::from_secs(5) {
+            tracing::debug!(key = %self.conn.key, preferred, "home relay changed");
+        }
+    }
+
+    /// Undo this connection's gauge contributions when it closes.
+    pub fn finish(&self) {
+        if self.conn.preferred.swap(false, Ordering::Relaxed) {
+            self.shared.metrics.current_home_connections.dec();
+        }
+    }
+}
+
+impl Shared {
+    /// Offers a packet to a destination connection, counting any drop.
+    #[inline]
+    pub fn enqueue(&self, dst: &ClientConn, src: NodePublic, payload: bytes::Bytes, disco: bool) {
+        let len = payload.len() as u64;
+        match dst.outbox.push_packet(QueuedPacket { src, payload }, disco) {
+            Enqueued::Ok => {}
+            Enqueued::EvictedHead(old_len) => self
+                .metrics
+                .dropped(DropReason::QueueHead, disco)
+                .add(1, old_len as u64),
+            Enqueued::Closed => self
+                .metrics
+                .dropped(DropReason::GoneDisconnected, disco)
+                .add(1, len),
+        }
+    }
+}

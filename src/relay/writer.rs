@@ -1,0 +1,200 @@
+//! A connection's writer task: drains the outbox and writes everything that
+//! is queued as one vectored write. Packet payloads are never copied: each
+//! RecvPacket goes out as a 37-byte header+source-key slice and the payload
+//! slice shared with the sender's read buffer.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout, Instant};
+
+use super::conn::ClientConn;
+use super::outbox::Batch;
+use super::Shared;
+use crate::metrics::DropReason;
+use crate::proto::frame::recv_packet_prefix;
+use crate::proto::limits::looks_like_disco;
+use crate::proto::{Frame, PeerGoneReason};
+
+/// Most slices handed to one `writev` (Linux allows 1024).
+const MAX_IOVECS: usize = 512;
+
+/// Why a writer stopped.
+#[derive(Debug)]
+pub enum WriterEnd {
+    /// The connection was closed from our side.
+    Closed,
+    /// A write did not complete within the write timeout.
+    Timeout,
+    /// The socket failed.
+    Error(std::io::Error),
+}
+
+/// Runs the writer until the connection closes or a write fails.
+/// `first` (the ServerInfo frame) is written before anything queued.
+pub async fn run<W: AsyncWrite + Unpin>(
+    mut w: W,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    first: Bytes,
+) -> WriterEnd {
+    let write_timeout = if conn.can_mesh {
+        shared.config.mesh_write_timeout
+    } else {
+        shared.config.write_timeout
+    };
+    let end = writer_loop(&mut w, &conn, &shared, first, write_timeout).await;
+    if let WriterEnd::Timeout = end {
+        shared.metrics.write_timeouts.inc();
+    }
+    conn.cancel.cancel();
+    let _ = timeout(Duration::from_secs(1), w.shutdown()).await;
+    end
+}
+
+async fn writer_loop<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    conn: &ClientConn,
+    shared: &Shared,
+    first: Bytes,
+    write_timeout: Option<Duration>,
+) -> WriterEnd {
+    if let Err(e) = write_all_timed(w, &mut [IoSlice::new(&first)], write_timeout).await {
+        return e;
+    }
+    let keepalive = shared.config.keepalive_interval
+        + Duration::from_millis(fastrand::u64(0..shared.config.keepalive_jitter.as_millis() as u64 + 1));
+    let mut next_keepalive = Instant::now() + keepalive;
+    let mut batch = Batch::default();
+    let mut scratch = BatchScratch::default();
+    loop {
+        if !conn.outbox.take(&mut batch) {
+            return WriterEnd::Closed;
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                _ = conn.outbox.wait() => continue,
+                _ = conn.cancel.cancelled() => return WriterEnd::Closed,
+                _ = tokio::time::sleep_until(next_keepalive) => {
+                    next_keepalive = Instant::now() + keepalive;
+                    batch.control.push_back(Frame::KeepAlive);
+                }
+            }
+        }
+        let result = write_batch(w, &batch, &mut scratch, shared, write_timeout).await;
+        if let Err(end) = result {
+            count_batch_drops(shared, &batch, DropReason::WriteError);
+            return end;
+        }
+        batch.clear();
+    }
+}
+
+/// Reusable buffers for building one batch.
+#[derive(Default)]
+struct BatchScratch {
+    control: BytesMut,
+    prefixes: Vec<[u8; 37]>,
+}
+
+async fn write_batch<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &Batch,
+    scratch: &mut BatchScratch,
+    shared: &Shared,
+    write_timeout: Option<Duration>,
+) -> Result<(), WriterEnd> {
+    let m = &shared.metrics;
+    scratch.control.clear();
+    let mut frames = 0u64;
+    for f in &batch.control {
+        f.encode(&mut scratch.control);
+        frames += 1;
+        if let Frame::PeerGone { reason, .. } = f {
+            match reason {
+                PeerGoneReason::NotHere => m.peer_gone_not_here_frames.inc(),
+                _ => m.peer_gone_disconnected_frames.inc(),
+            }
+        }
+    }
+    if let Some(data) = batch.pong {
+        Frame::Pong(data).encode(&mut scratch.control);
+        m.pongs_sent.inc();
+        frames += 1;
+    }
+    scratch.prefixes.clear();
+    let packets = batch.disco.iter().chain(batch.packets.iter());
+    let mut bytes = 0u64;
+    for p in packets.clone() {
+        scratch
+            .prefixes
+            .push(recv_packet_prefix(&p.src, p.payload.len()));
+        bytes += p.payload.len() as u64;
+    }
+    let npackets = scratch.prefixes.len();
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * npackets.min(MAX_IOVECS));
+    if !scratch.control.is_empty() {
+        slices.push(IoSlice::new(&scratch.control));
+    }
+    for (prefix, p) in scratch.prefixes.iter().zip(packets) {
+        slices.push(IoSlice::new(prefix));
+        if !p.payload.is_empty() {
+            slices.push(IoSlice::new(&p.payload));
+        }
+        if slices.len() >= MAX_IOVECS {
+            write_all_timed(w, &mut slices, write_timeout).await?;
+            slices.clear();
+        }
+    }
+    if !slices.is_empty() {
+        write_all_timed(w, &mut slices, write_timeout).await?;
+    }
+    frames += npackets as u64;
+    m.sent.add(npackets as u64, bytes);
+    m.write_batches.inc();
+    m.write_batch_frames.inc_by(frames);
+    Ok(())
+}
+
+/// Writes every byte of `slices`, each write bounded by `limit`.
+async fn write_all_timed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+    limit: Option<Duration>,
+) -> Result<(), WriterEnd> {
+    while !slices.is_empty() {
+        let n = match limit {
+            Some(d) => match timeout(d, w.write_vectored(slices)).await {
+                Ok(r) => r,
+                Err(_) => return Err(WriterEnd::Timeout),
+            },
+            None => w.write_vectored(slices).await,
+        }
+        .map_err(WriterEnd::Error)?;
+        if n == 0 {
+            return Err(WriterEnd::Error(std::io::ErrorKind::WriteZero.into()));
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    match limit {
+        Some(d) => match timeout(d, w.flush()).await {
+            Ok(r) => r.map_err(WriterEnd::Error),
+            Err(_) => Err(WriterEnd::Timeout),
+        },
+        None => w.flush().await.map_err(WriterEnd::Error),
+    }
+}
+
+/// Counts every packet in `batch` as dropped for `reason`.
+pub fn count_batch_drops(shared: &Shared, batch: &Batch, reason: DropReason) {
+    for p in batch.packets.iter().chain(batch.disco.iter()) {
+        let disco = looks_like_disco(&p.payload);
+        shared
+            .metrics
+            .dropped(reason, disco)
+            .add(1, p.payload.len() as u64);
+    }
+}
