@@ -99,7 +99,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 break i + 4;
             }
             if buf.len() > 16 << 10 {
-                return Err(ClientError::UpgradeRefused("response head too large".into()));
+                return Err(ClientError::UpgradeRefused(
+                    "response head too large".into(),
+                ));
             }
             if stream.read_buf(&mut buf).await? == 0 {
                 return Err(ClientError::Closed);
@@ -137,7 +139,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         };
         c.send(&seal_client_info(key, &server_key, &info)).await?;
         let info = match c.recv().await? {
-            Frame::ServerInfo { nonce, sealed } => open_server_info(key, &server_key, &nonce, &sealed)?,
+            Frame::ServerInfo { nonce, sealed } => {
+                open_server_info(key, &server_key, &nonce, &sealed)?
+            }
             f => return Err(HandshakeError::SecondFrameNotServerInfo(f.type_byte()).into()),
         };
         c.server_key = server_key;
@@ -189,7 +193,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// Sends a packet to `dst`.
-    pub async fn send_packet(&mut self, dst: NodePublic, payload: &[u8]) -> Result<(), ClientError> {
+    pub async fn send_packet(
+        &mut self,
+        dst: NodePublic,
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
         self.send(&Frame::SendPacket {
             dst,
             payload: Bytes::copy_from_slice(payload),

@@ -7,9 +7,9 @@
 
 pub mod client;
 pub mod http;
+pub mod keyfile;
 pub mod metrics;
 pub mod proto;
-pub mod keyfile;
 pub mod relay;
 pub mod server;
 pub mod stun;

@@ -145,10 +145,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let key = if args.dev {
         NodePrivate::generate()
     } else {
-        let path = args
-            .key_file
-            .clone()
-            .unwrap_or_else(|| args.state_dir.clone().unwrap_or_else(default_state_dir).join("derpd.key"));
+        let path = args.key_file.clone().unwrap_or_else(|| {
+            args.state_dir
+                .clone()
+                .unwrap_or_else(default_state_dir)
+                .join("derpd.key")
+        });
         derpd::keyfile::load_or_create(&path).map_err(|e| e.to_string())?
     };
     let mesh_key = match &args.mesh_psk_file {
@@ -156,7 +158,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| format!("--mesh-psk-file {}: {e}", p.display()))?;
             Some(MeshKey::from_hex(&text).map_err(|_| {
-                format!("--mesh-psk-file {}: must hold exactly 64 hex digits", p.display())
+                format!(
+                    "--mesh-psk-file {}: must hold exactly 64 hex digits",
+                    p.display()
+                )
             })?)
         }
         None => None,
@@ -167,7 +172,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let config = ServerConfig {
         addr,
-        stun_addr: args.stun.then(|| SocketAddr::new(addr.ip(), args.stun_port)),
+        stun_addr: args
+            .stun
+            .then(|| SocketAddr::new(addr.ip(), args.stun_port)),
         metrics_addr,
         relay: RelayConfig {
             queue_depth: args.queue_depth.max(1),

@@ -207,7 +207,8 @@ impl Metrics {
             &["version"],
         )
         .expect("valid metric");
-        r.register(Box::new(build_info.clone())).expect("unique metric");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric");
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -242,7 +243,11 @@ impl Metrics {
                 "derp_current_notideal_connections",
                 "Connections whose client is not on the first node of its region.",
             ),
-            clients_local: gauge(&r, "derp_clients_local", "Distinct node keys connected here."),
+            clients_local: gauge(
+                &r,
+                "derp_clients_local",
+                "Distinct node keys connected here.",
+            ),
             current_dup_client_keys: gauge(
                 &r,
                 "derp_current_dup_client_keys",
@@ -288,7 +293,11 @@ impl Metrics {
                 "derp_write_timeouts_total",
                 "Client connections closed because a write did not finish in time.",
             ),
-            watchers: gauge(&r, "derp_watchers", "Mesh watchers subscribed to connection events."),
+            watchers: gauge(
+                &r,
+                "derp_watchers",
+                "Mesh watchers subscribed to connection events.",
+            ),
             packets_forwarded_out: counter(
                 &r,
                 "derp_packets_forwarded_out_total",

@@ -120,7 +120,8 @@ mod tests {
 
     #[test]
     fn websocket_variants() {
-        let ws = b"GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Protocol: derp\r\n\r\n";
+        let ws =
+            b"GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Protocol: derp\r\n\r\n";
         let (head, _) = parse_head(ws).unwrap().unwrap();
         assert!(head.is_websocket_derp());
         assert!(!head.is_raw_derp_upgrade());

@@ -58,7 +58,10 @@ pub fn upgrade_headers(key: &NodePublic) -> [(&'static str, String); 4] {
     [
         ("upgrade", "DERP".to_owned()),
         ("connection", "Upgrade".to_owned()),
-        ("derp-version", crate::proto::limits::PROTOCOL_VERSION.to_string()),
+        (
+            "derp-version",
+            crate::proto::limits::PROTOCOL_VERSION.to_string(),
+        ),
         ("derp-public-key", key.to_hex()),
     ]
 }

@@ -101,9 +101,7 @@ async fn route(front: &Front, remote: SocketAddr, mut req: Request<Incoming>) ->
             }
             r
         }
-        "/robots.txt" if is_get_or_head => {
-            text(StatusCode::OK, "User-agent: *\nDisallow: /\n")
-        }
+        "/robots.txt" if is_get_or_head => text(StatusCode::OK, "User-agent: *\nDisallow: /\n"),
         "/" if is_get_or_head => home_page(front),
         "/" | "/robots.txt" => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -125,10 +123,7 @@ fn home_page(front: &Front) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    h.insert(
-        header::X_FRAME_OPTIONS,
-        HeaderValue::from_static("DENY"),
-    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -177,9 +172,7 @@ fn derp_upgrade(front: &Front, remote: SocketAddr, req: &mut Request<Incoming>) 
                     preamble: Bytes::new(),
                     not_ideal,
                 };
-                relay
-                    .serve_conn(r, w, BytesMut::new(), remote, opts)
-                    .await;
+                relay.serve_conn(r, w, BytesMut::new(), remote, opts).await;
             }
             Err(e) => tracing::debug!(%remote, error = %e, "upgrade failed"),
         }

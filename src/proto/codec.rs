@@ -310,9 +310,7 @@ fn parse_body(t: FrameType, body: Bytes) -> Result<Frame, FrameError> {
                 if ip.is_unspecified() && port == 0 {
                     return None;
                 }
-                let ip = ip
-                    .to_ipv4_mapped()
-                    .map_or(IpAddr::V6(ip), IpAddr::V4);
+                let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
                 Some(SocketAddr::new(ip, port))
             });
             Frame::PeerPresent {

@@ -141,7 +141,10 @@ fn header_layout_matches_spec() {
     }
     .to_bytes();
     assert_eq!(pp.len(), 5 + 51);
-    assert_eq!(&pp[5 + 32..5 + 48], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4]);
+    assert_eq!(
+        &pp[5 + 32..5 + 48],
+        &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4]
+    );
     assert_eq!(&pp[5 + 48..], &[0, 5, 1]);
     // PeerGone is always 33 bytes (checklist 27).
     let pg = Frame::PeerGone {
@@ -212,7 +215,13 @@ fn unknown_and_other_direction_frames_are_skipped_without_buffering() {
     // A huge unknown frame is skipped as it streams in; the buffer never holds it.
     let mut dec = FrameDecoder::new(Role::Server);
     let mut buf = BytesMut::from(&[0x77u8, 0x7f, 0xff, 0xff, 0xff][..]);
-    assert!(matches!(dec.decode(&mut buf), Ok(Some(Frame::Ignored { frame_type: 0x77, .. }))));
+    assert!(matches!(
+        dec.decode(&mut buf),
+        Ok(Some(Frame::Ignored {
+            frame_type: 0x77,
+            ..
+        }))
+    ));
     for _ in 0..100 {
         buf.put_bytes(0, 64 << 10);
         assert_eq!(dec.decode(&mut buf), Ok(None));
@@ -265,7 +274,12 @@ fn every_malformed_length_class_has_its_error() {
     expect_err(Client, 0x01, 39, E::ServerKeyTooShort(39));
     expect_err(Client, 0x01, 1025, E::ServerKeyTooLong(1025));
     expect_err(Client, 0x03, 39, E::ServerInfoTooShort(39));
-    expect_err(Client, 0x03, 24 + (1 << 20) + 1, E::ServerInfoTooLong(24 + (1 << 20) + 1));
+    expect_err(
+        Client,
+        0x03,
+        24 + (1 << 20) + 1,
+        E::ServerInfoTooLong(24 + (1 << 20) + 1),
+    );
     expect_err(Client, 0x05, 31, E::RecvPacketTooShort(31));
     expect_err(
         Client,
@@ -289,7 +303,12 @@ fn every_malformed_length_class_has_its_error() {
         },
     );
     expect_err(Client, 0x13, 7, E::PongBadLength(7));
-    expect_err(Client, 0x14, (64 << 10) + 1, E::HealthTooLong((64 << 10) + 1));
+    expect_err(
+        Client,
+        0x14,
+        (64 << 10) + 1,
+        E::HealthTooLong((64 << 10) + 1),
+    );
     // A 0xFFFFFFFF length is representable and rejected for a packet frame.
     expect_err(
         Server,
@@ -315,7 +334,10 @@ fn largest_packet_is_accepted_and_one_more_byte_is_not() {
 fn server_key_with_bad_magic_is_rejected() {
     let mut body = b"DERQ\xF0\x9F\x94\x91".to_vec();
     body.extend_from_slice(&[1; 32]);
-    assert_eq!(decode_all(Role::Client, &raw(0x01, &body)), Err(FrameError::BadMagic));
+    assert_eq!(
+        decode_all(Role::Client, &raw(0x01, &body)),
+        Err(FrameError::BadMagic)
+    );
     // Extra reserved bytes after the key are fine.
     let mut ok = MAGIC.to_vec();
     ok.extend_from_slice(&[1; 32]);
@@ -420,7 +442,10 @@ fn client_info_json_follows_go_rules() {
     ] {
         let info = ClientInfo::from_json(json.as_bytes()).unwrap();
         assert_eq!(info.version, 5);
-        assert!(info.mesh_key.unwrap().matches(&MeshKey::from_hex(&hex).unwrap()));
+        assert!(info
+            .mesh_key
+            .unwrap()
+            .matches(&MeshKey::from_hex(&hex).unwrap()));
     }
     // Checklist 9: {} is valid.
     let info = ClientInfo::from_json(b"{}").unwrap();
@@ -446,8 +471,14 @@ fn client_info_json_follows_go_rules() {
     assert!(info.mesh_key.is_none());
     assert_eq!(info.version, 2);
     // Bad JSON and wrong types are errors.
-    assert!(matches!(ClientInfo::from_json(b"{"), Err(HandshakeError::BadJson(_))));
-    assert!(matches!(ClientInfo::from_json(b"[]"), Err(HandshakeError::BadJson(_))));
+    assert!(matches!(
+        ClientInfo::from_json(b"{"),
+        Err(HandshakeError::BadJson(_))
+    ));
+    assert!(matches!(
+        ClientInfo::from_json(b"[]"),
+        Err(HandshakeError::BadJson(_))
+    ));
     assert!(matches!(
         ClientInfo::from_json(br#"{"version":"2"}"#),
         Err(HandshakeError::BadJson(_))

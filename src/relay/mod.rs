@@ -205,12 +205,9 @@ impl Relay {
             (Some(ours), Some(theirs)) => ours.matches(theirs),
             _ => false,
         };
-        let server_info = seal_server_info(
-            &shared.private_key,
-            &client_key,
-            &ServerInfo::current(0, 0),
-        )
-        .to_bytes();
+        let server_info =
+            seal_server_info(&shared.private_key, &client_key, &ServerInfo::current(0, 0))
+                .to_bytes();
         let control_cap = if can_mesh {
             shared.config.mesh_control_queue_cap
         } else {

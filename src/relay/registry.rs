@@ -80,10 +80,7 @@ impl Registry {
 
     /// Every connection (for shutdown and status).
     pub fn all_conns(&self) -> Vec<Arc<ClientConn>> {
-        self.clients
-            .iter()
-            .flat_map(|s| s.conns.clone())
-            .collect()
+        self.clients.iter().flat_map(|s| s.conns.clone()).collect()
     }
 
     /// Adds a handshaken connection. A key that is already connected keeps

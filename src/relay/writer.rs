@@ -66,7 +66,9 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
         return e;
     }
     let keepalive = shared.config.keepalive_interval
-        + Duration::from_millis(fastrand::u64(0..shared.config.keepalive_jitter.as_millis() as u64 + 1));
+        + Duration::from_millis(fastrand::u64(
+            0..shared.config.keepalive_jitter.as_millis() as u64 + 1,
+        ));
     let mut next_keepalive = Instant::now() + keepalive;
     let mut batch = Batch::default();
     let mut scratch = BatchScratch::default();
