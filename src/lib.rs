@@ -6,6 +6,7 @@
 //! the benchmark and the tests.
 
 pub mod client;
+pub mod config;
 pub mod http;
 pub mod keyfile;
 pub mod metrics;
@@ -13,3 +14,4 @@ pub mod proto;
 pub mod relay;
 pub mod server;
 pub mod stun;
+pub mod tls;

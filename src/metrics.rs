@@ -118,10 +118,17 @@ pub struct Metrics {
     pub packets_forwarded_in: IntCounter,
     /// Connections refused for presenting mesh-only frames without the mesh key.
     pub mesh_frame_refusals: IntCounter,
+    /// Times a client's reader waited for its receive rate limit.
+    pub rate_limit_waits: IntCounter,
     /// Frames written per flush, summed (with `write_batches` gives the average batch).
     pub write_batch_frames: IntCounter,
     /// Flushes (vectored write batches).
     pub write_batches: IntCounter,
+    /// TCP connections admitted by the listeners.
+    pub connections_accepted: IntCounter,
+    connections_rejected: IntCounterVec,
+    /// Failed or timed-out TLS handshakes.
+    pub tls_handshake_errors: IntCounter,
     /// HTTP requests by route and status.
     pub http_requests: IntCounterVec,
     /// Build information.
@@ -313,6 +320,11 @@ impl Metrics {
                 "derp_mesh_frame_refusals_total",
                 "Connections closed for sending a mesh-only frame without the mesh key.",
             ),
+            rate_limit_waits: counter(
+                &r,
+                "derp_rate_limit_waits_total",
+                "Times a client's reads were paused by its receive rate limit.",
+            ),
             write_batch_frames: counter(
                 &r,
                 "derp_write_batch_frames_total",
@@ -322,6 +334,22 @@ impl Metrics {
                 &r,
                 "derp_write_batches_total",
                 "Vectored write batches to clients.",
+            ),
+            connections_accepted: counter(
+                &r,
+                "derpd_connections_accepted_total",
+                "TCP connections admitted by the listeners.",
+            ),
+            connections_rejected: counter_vec(
+                &r,
+                "derpd_connections_rejected_total",
+                "TCP connections closed at accept, by reason (max_connections, accept_rate).",
+                &["reason"],
+            ),
+            tls_handshake_errors: counter(
+                &r,
+                "derpd_tls_handshake_errors_total",
+                "TLS handshakes that failed or timed out.",
             ),
             http_requests: counter_vec(
                 &r,
@@ -338,6 +366,11 @@ impl Metrics {
     #[inline]
     pub fn dropped(&self, reason: DropReason, disco: bool) -> &PacketCounter {
         &self.dropped[reason as usize][usize::from(disco)]
+    }
+
+    /// Counts a connection turned away at accept.
+    pub fn connections_rejected(&self, reason: &str) {
+        self.connections_rejected.with_label_values(&[reason]).inc();
     }
 
     /// Counts a failed handshake.
@@ -358,5 +391,81 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Exposes [`crate::stun::StunStats`] as Prometheus counters.
+pub struct StunCollector {
+    stats: std::sync::Arc<crate::stun::StunStats>,
+    requests: prometheus::core::Desc,
+    families: prometheus::core::Desc,
+}
+
+impl StunCollector {
+    /// A collector reading `stats`.
+    pub fn new(stats: std::sync::Arc<crate::stun::StunStats>) -> StunCollector {
+        StunCollector {
+            stats,
+            requests: prometheus::core::Desc::new(
+                "derpd_stun_requests_total".into(),
+                "STUN datagrams by result (success, not_stun, read_error, write_error).".into(),
+                vec!["result".into()],
+                Default::default(),
+            )
+            .expect("valid metric"),
+            families: prometheus::core::Desc::new(
+                "derpd_stun_requests_by_family_total".into(),
+                "Accepted STUN binding requests by address family.".into(),
+                vec!["family".into()],
+                Default::default(),
+            )
+            .expect("valid metric"),
+        }
+    }
+}
+
+impl prometheus::core::Collector for StunCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.requests, &self.families]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto::{Counter, LabelPair, Metric, MetricFamily, MetricType};
+        let s = self.stats.snapshot();
+        let family = |desc: &prometheus::core::Desc, label: &str, values: &[(&str, u64)]| {
+            let mut mf = MetricFamily::default();
+            mf.set_name(desc.fq_name.clone());
+            mf.set_help(desc.help.clone());
+            mf.set_field_type(MetricType::COUNTER);
+            for (v, n) in values {
+                let mut lp = LabelPair::default();
+                lp.set_name(label.to_owned());
+                lp.set_value((*v).to_owned());
+                let mut c = Counter::default();
+                c.set_value(*n as f64);
+                let mut m = Metric::default();
+                m.set_label(vec![lp].into());
+                m.set_counter(c);
+                mf.mut_metric().push(m);
+            }
+            mf
+        };
+        vec![
+            family(
+                &self.requests,
+                "result",
+                &[
+                    ("success", s.success),
+                    ("not_stun", s.not_stun),
+                    ("read_error", s.read_error),
+                    ("write_error", s.write_error),
+                ],
+            ),
+            family(
+                &self.families,
+                "family",
+                &[("ipv4", s.ipv4), ("ipv6", s.ipv6)],
+            ),
+        ]
     }
 }

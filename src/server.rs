@@ -1,7 +1,10 @@
-//! Starting a complete relay: listeners, STUN, metrics, and shutdown.
+//! Starting a complete relay from a [`ServerConfig`]: the main listener
+//! (plain or TLS), the plain-HTTP listener next to TLS, STUN, metrics; and
+//! stopping it gracefully.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -10,44 +13,22 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::ServerConfig;
+use crate::config::ShutdownSettings;
+use crate::http::listener::{accept_loop, ConnLimiter};
 use crate::http::{Front, FrontConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StunCollector};
 use crate::proto::{MeshKey, NodePrivate};
-use crate::relay::{Relay, RelayConfig};
+use crate::relay::{ClientRateLimit, Relay};
 use crate::stun::{self, StunStats};
-
-/// Everything needed to start a relay.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Main DERP/HTTP listen address.
-    pub addr: SocketAddr,
-    /// STUN listen address (`None` = no STUN).
-    pub stun_addr: Option<SocketAddr>,
-    /// Metrics listen address (`None` = no metrics listener).
-    pub metrics_addr: Option<SocketAddr>,
-    /// Relay core tunables.
-    pub relay: RelayConfig,
-    /// Honour `Derp-Fast-Start`.
-    pub fast_start: bool,
-}
-
-impl ServerConfig {
-    /// Loopback, any free port, no STUN or metrics listener: for tests.
-    pub fn loopback_ephemeral() -> ServerConfig {
-        ServerConfig {
-            addr: "127.0.0.1:0".parse().expect("valid address"),
-            stun_addr: None,
-            metrics_addr: None,
-            relay: RelayConfig::default(),
-            fast_start: true,
-        }
-    }
-}
+use crate::tls::{TlsError, TlsManager};
 
 /// A running relay.
 pub struct Server {
-    /// Where DERP/HTTP is served.
+    /// Where DERP/HTTP(S) is served.
     pub addr: SocketAddr,
+    /// The plain-HTTP listener next to TLS, if any.
+    pub http_addr: Option<SocketAddr>,
     /// Where STUN is served, if enabled.
     pub stun_addr: Option<SocketAddr>,
     /// Where metrics are served, if enabled.
@@ -56,7 +37,13 @@ pub struct Server {
     pub relay: Relay,
     /// STUN counters.
     pub stun_stats: Arc<StunStats>,
-    shutdown: CancellationToken,
+    /// TLS state, when the main listener is TLS.
+    pub tls: Option<Arc<TlsManager>>,
+    shutdown_settings: ShutdownSettings,
+    /// Stops the listeners (new connections).
+    stop_accepting: CancellationToken,
+    /// Stops everything else (STUN, metrics, background TLS work).
+    stop_all: CancellationToken,
     tasks: JoinSet<()>,
 }
 
@@ -73,6 +60,9 @@ pub enum StartError {
         /// Error.
         source: std::io::Error,
     },
+    /// TLS could not be set up.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 impl Server {
@@ -84,10 +74,18 @@ impl Server {
     ) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let relay = Relay::new(key, mesh_key, config.relay.clone(), metrics.clone());
-        let shutdown = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
+        let stop_all = CancellationToken::new();
         let mut tasks = JoinSet::new();
-
         let bind = |what, addr| move |source| StartError::Bind { what, addr, source };
+
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(
+                TlsManager::start(t, &config.hostname, stop_all.clone()).await?,
+            )),
+            None => None,
+        };
+
         let listener = TcpListener::bind(config.addr)
             .await
             .map_err(bind("derp", config.addr))?;
@@ -98,85 +96,178 @@ impl Server {
                 fast_start: config.fast_start,
             },
         );
-        tasks.spawn(crate::http::serve(listener, front, shutdown.clone()));
+        let limiter = Arc::new(ConnLimiter::new(&config.limits));
+        tasks.spawn(accept_loop(
+            listener,
+            tls.as_ref().map(|t| t.acceptor()),
+            front,
+            limiter,
+            config.relay.handshake_timeout,
+            stop_accepting.clone(),
+        ));
+
+        let mut http_addr = None;
+        if let (Some(a), Some(tls)) = (config.http_addr, &tls) {
+            let l = TcpListener::bind(a).await.map_err(bind("http", a))?;
+            http_addr = Some(l.local_addr().map_err(bind("http", a))?);
+            tasks.spawn(serve_port80(l, tls.clone(), stop_accepting.clone()));
+        }
 
         let stun_stats = Arc::new(StunStats::new());
+        metrics
+            .registry
+            .register(Box::new(StunCollector::new(stun_stats.clone())))
+            .expect("unique metric");
         let mut stun_addr = None;
         if let Some(a) = config.stun_addr {
             let sock = UdpSocket::bind(a).await.map_err(bind("stun", a))?;
             stun_addr = Some(sock.local_addr().map_err(bind("stun", a))?);
-            let stop = shutdown.clone();
-            tasks.spawn(stun::serve(
-                Arc::new(sock),
-                stun_stats.clone(),
-                async move { stop.cancelled().await },
-            ));
+            let stop = stop_all.clone();
+            tasks.spawn(stun::serve(Arc::new(sock), stun_stats.clone(), async move {
+                stop.cancelled().await
+            }));
         }
 
         let mut metrics_addr = None;
         if let Some(a) = config.metrics_addr {
             let l = TcpListener::bind(a).await.map_err(bind("metrics", a))?;
             metrics_addr = Some(l.local_addr().map_err(bind("metrics", a))?);
-            tasks.spawn(serve_metrics(l, metrics, shutdown.clone()));
+            tasks.spawn(serve_metrics(l, metrics, stop_all.clone()));
         }
 
-        tracing::info!(%addr, ?stun_addr, ?metrics_addr, key = %relay.public_key(), "derpd serving");
+        tracing::info!(
+            %addr,
+            tls = tls.is_some(),
+            ?http_addr,
+            ?stun_addr,
+            ?metrics_addr,
+            key = %relay.public_key(),
+            "derpd serving"
+        );
         Ok(Server {
             addr,
+            http_addr,
             stun_addr,
             metrics_addr,
             relay,
             stun_stats,
-            shutdown,
+            tls,
+            shutdown_settings: config.shutdown,
+            stop_accepting,
+            stop_all,
             tasks,
         })
     }
 
-    /// The `http://` URL of the DERP endpoint.
+    /// The URL of the DERP endpoint (`http://` or `https://`).
     pub fn url(&self) -> String {
-        format!("http://{}/derp", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}/derp", self.addr)
     }
 
-    /// Stops accepting, closes every client and waits for the listeners.
+    /// SIGHUP: applies a new per-client rate limit (if given) and re-reads
+    /// certificates.
+    pub fn reload(&self, rate: Option<ClientRateLimit>) {
+        if let Some(rate) = rate {
+            self.relay.set_client_rate(rate);
+        }
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("certificates reloaded"),
+                Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+            }
+        }
+    }
+
+    /// Graceful stop (SIGTERM): stop accepting, send every client a
+    /// `Restarting` frame and close it once written, wait for clients to be
+    /// gone (at most the shutdown timeout), then stop everything.
+    pub async fn shutdown_gracefully(self) {
+        self.stop_accepting.cancel();
+        let s = &self.shutdown_settings;
+        let told = self.relay.broadcast_restarting(s.reconnect_in, s.try_for);
+        tracing::info!(clients = told, "told clients the relay is restarting");
+        let deadline = tokio::time::Instant::now() + s.timeout;
+        while !self.relay.shared().registry.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.relay.shared().registry.len();
+        if left > 0 {
+            tracing::warn!(clients = left, "shutdown timeout reached; closing remaining clients");
+        }
+        self.shutdown().await;
+    }
+
+    /// Immediate stop: closes listeners and every client.
     pub async fn shutdown(mut self) {
-        self.shutdown.cancel();
+        self.stop_accepting.cancel();
+        self.stop_all.cancel();
         self.relay.shutdown();
-        while self.tasks.join_next().await.is_some() {}
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
     }
 }
 
+async fn serve_port80(listener: TcpListener, tls: Arc<TlsManager>, shutdown: CancellationToken) {
+    serve_simple(listener, shutdown, move |req| {
+        let tls = tls.clone();
+        async move { crate::http::port80::handle(tls, req).await }
+    })
+    .await
+}
+
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    serve_simple(listener, shutdown, move |req| {
+        let metrics = metrics.clone();
+        async move {
+            let resp = if req.uri().path() == "/metrics" {
+                let mut r = Response::new(Full::new(Bytes::from(metrics.render())));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    ),
+                );
+                r
+            } else {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                *r.status_mut() = StatusCode::NOT_FOUND;
+                r
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    })
+    .await
+}
+
+/// A small HTTP/1.1 server for auxiliary listeners.
+async fn serve_simple<F, Fut>(listener: TcpListener, shutdown: CancellationToken, handler: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Result<Response<Full<Bytes>>, std::convert::Infallible>,
+        > + Send
+        + 'static,
+{
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(v) => v,
-                Err(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = shutdown.cancelled() => return,
         };
-        let metrics = metrics.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let metrics = metrics.clone();
-                async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        let mut r = Response::new(Full::new(Bytes::from(metrics.render())));
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(
-                                "text/plain; version=0.0.4; charset=utf-8",
-                            ),
-                        );
-                        r
-                    } else {
-                        let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-                        *r.status_mut() = StatusCode::NOT_FOUND;
-                        r
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
+            let svc = hyper::service::service_fn(handler);
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
         });

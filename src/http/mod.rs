@@ -4,6 +4,8 @@
 //! every other endpoint.
 
 pub mod head;
+pub mod listener;
+pub mod port80;
 pub mod prefixed;
 pub mod routes;
 
@@ -15,10 +17,9 @@ use bytes::{Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
 use crate::proto::NodePublic;
 use crate::relay::{AcceptOptions, Relay};
@@ -75,34 +76,42 @@ pub fn upgrade_response_head(key: &NodePublic) -> Bytes {
     ))
 }
 
-/// Accepts connections on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, front: Front, shutdown: CancellationToken) {
-    loop {
-        let (stream, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let front = front.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_tcp(stream, remote, front).await {
-                tracing::debug!(%remote, error = %e, "connection ended with error");
-            }
-        });
+/// A byte stream the front door can serve, and split into independently
+/// owned read and write halves for the relay.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Read half.
+    type Reader: AsyncRead + Unpin + Send + 'static;
+    /// Write half.
+    type Writer: AsyncWrite + Unpin + Send + 'static;
+    /// Splits the stream.
+    fn split_rw(self) -> (Self::Reader, Self::Writer);
+}
+
+impl Transport for TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+    fn split_rw(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
     }
 }
 
-/// Serves one accepted TCP connection.
-pub async fn serve_tcp(stream: TcpStream, remote: SocketAddr, front: Front) -> std::io::Result<()> {
-    let _ = stream.set_nodelay(true);
-    let mut stream = stream;
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport
+    for tokio_rustls::server::TlsStream<S>
+{
+    type Reader = tokio::io::ReadHalf<Self>;
+    type Writer = tokio::io::WriteHalf<Self>;
+    fn split_rw(self) -> (Self::Reader, Self::Writer) {
+        tokio::io::split(self)
+    }
+}
+
+/// Serves one accepted connection (plain TCP or TLS): reads the first
+/// request head, upgrades raw DERP directly, and hands anything else to hyper.
+pub async fn serve_stream<S: Transport>(
+    mut stream: S,
+    remote: SocketAddr,
+    front: Front,
+) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(2048);
     let head = match timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
         Ok(Ok(Some(h))) => h,
@@ -134,7 +143,7 @@ pub async fn serve_tcp(stream: TcpStream, remote: SocketAddr, front: Front) -> s
             preamble,
             not_ideal: head.ideal_node,
         };
-        let (r, w) = stream.into_split();
+        let (r, w) = stream.split_rw();
         front.relay.serve_conn(r, w, buf, remote, opts).await;
         return Ok(());
     }
@@ -162,8 +171,8 @@ enum HeadFailure {
     Head(HeadError),
 }
 
-async fn read_head(
-    stream: &mut TcpStream,
+async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<Option<(RequestHead, usize)>, HeadFailure> {
     loop {

@@ -83,29 +83,31 @@ async fn route(front: &Front, remote: SocketAddr, mut req: Request<Incoming>) ->
             );
             r
         }
-        "/generate_204" => {
-            let mut r = Response::new(Full::new(Bytes::new()));
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            r.headers_mut().insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static(
-                    "no-cache, no-store, must-revalidate, no-transform, max-age=0",
-                ),
-            );
-            let challenge = req
-                .headers()
-                .get("x-tailscale-challenge")
-                .and_then(|v| challenge_response(v.as_bytes()));
-            if let Some(v) = challenge.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                r.headers_mut().insert("x-tailscale-response", v);
-            }
-            r
-        }
+        "/generate_204" => generate_204(&req),
         "/robots.txt" if is_get_or_head => text(StatusCode::OK, "User-agent: *\nDisallow: /\n"),
         "/" if is_get_or_head => home_page(front),
         "/" | "/robots.txt" => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `204 No Content` for captive-portal checks, answering a valid
+/// `X-Tailscale-Challenge`.
+pub fn generate_204<B>(req: &Request<B>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store, must-revalidate, no-transform, max-age=0"),
+    );
+    let challenge = req
+        .headers()
+        .get("x-tailscale-challenge")
+        .and_then(|v| challenge_response(v.as_bytes()));
+    if let Some(v) = challenge.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        r.headers_mut().insert("x-tailscale-response", v);
+    }
+    r
 }
 
 fn home_page(front: &Front) -> Response<Body> {

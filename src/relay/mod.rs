@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod outbox;
+pub mod ratelimit;
 pub mod reader;
 pub mod registry;
 pub mod writer;
@@ -27,6 +28,7 @@ use crate::proto::{
 };
 use conn::ClientConn;
 use outbox::Outbox;
+pub use ratelimit::ClientRateLimit;
 use reader::{Reader, ReaderEnd};
 use registry::Registry;
 
@@ -49,6 +51,10 @@ pub struct RelayConfig {
     pub control_queue_cap: usize,
     /// Control frames queued per mesh peer (PeerPresent floods).
     pub mesh_control_queue_cap: usize,
+    /// Close clients that send nothing for this long (`None` = never).
+    pub idle_timeout: Option<Duration>,
+    /// Per-client receive limit (mesh peers are exempt).
+    pub client_rate: ClientRateLimit,
 }
 
 impl Default for RelayConfig {
@@ -62,6 +68,8 @@ impl Default for RelayConfig {
             keepalive_jitter: Duration::from_secs(5),
             control_queue_cap: 1024,
             mesh_control_queue_cap: 1 << 18,
+            idle_timeout: None,
+            client_rate: ClientRateLimit::default(),
         }
     }
 }
@@ -80,6 +88,26 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the relay shuts down.
     pub shutdown: CancellationToken,
+    client_rate: parking_lot::RwLock<ClientRateLimit>,
+    client_rate_generation: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// The current per-client rate limit and its generation (bumped on
+    /// every change, so readers notice a reload with one atomic load).
+    pub fn client_rate(&self) -> (ClientRateLimit, u64) {
+        let g = self
+            .client_rate_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        (*self.client_rate.read(), g)
+    }
+
+    /// The generation of the per-client rate limit.
+    #[inline]
+    pub fn client_rate_generation(&self) -> u64 {
+        self.client_rate_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// How a connection reached the relay (from the HTTP layer).
@@ -140,13 +168,15 @@ impl Relay {
         let public_key = private_key.public();
         Relay {
             shared: Arc::new(Shared {
-                config,
                 private_key,
                 public_key,
                 mesh_key,
                 registry: Registry::new(metrics.clone()),
                 metrics,
                 shutdown: CancellationToken::new(),
+                client_rate: parking_lot::RwLock::new(config.client_rate),
+                client_rate_generation: std::sync::atomic::AtomicU64::new(0),
+                config,
             }),
         }
     }
@@ -164,6 +194,31 @@ impl Relay {
     /// Metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// Replaces the per-client rate limit; applies to existing connections.
+    pub fn set_client_rate(&self, rate: ClientRateLimit) {
+        *self.shared.client_rate.write() = rate;
+        self.shared
+            .client_rate_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::info!(bytes_per_sec = rate.bytes_per_sec, burst = rate.burst, "per-client rate limit set");
+    }
+
+    /// Tells every client the relay is restarting (the `Restarting` frame
+    /// with reconnect hints) and closes each connection once that frame is
+    /// written. Returns how many connections were told.
+    pub fn broadcast_restarting(&self, reconnect_in: Duration, try_for: Duration) -> usize {
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        let frame = Frame::Restarting {
+            reconnect_in_ms: ms(reconnect_in),
+            try_for_ms: ms(try_for),
+        };
+        let conns = self.shared.registry.all_conns();
+        for c in &conns {
+            c.outbox.finish_with(frame.clone());
+        }
+        conns.len()
     }
 
     /// Closes every client connection.

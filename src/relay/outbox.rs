@@ -69,6 +69,8 @@ impl Batch {
 struct State {
     queued: Batch,
     closed: bool,
+    /// Close once everything queued so far is written.
+    finishing: bool,
 }
 
 /// A connection's outgoing queues plus the wake-up for its writer.
@@ -87,6 +89,7 @@ impl Outbox {
             state: Mutex::new(State {
                 queued: Batch::default(),
                 closed: false,
+                finishing: false,
             }),
             wake: Notify::new(),
             depth: depth.max(1),
@@ -150,12 +153,25 @@ impl Outbox {
     }
 
     /// Swaps everything queued into `into` (which must be empty).
-    /// Returns `false` once the outbox is closed and drained.
+    /// Returns `false` once the outbox is closed (or finishing) and drained.
     pub fn take(&self, into: &mut Batch) -> bool {
         debug_assert!(into.is_empty());
         let mut st = self.state.lock();
         mem::swap(&mut st.queued, into);
-        !(st.closed && into.is_empty())
+        !((st.closed || st.finishing) && into.is_empty())
+    }
+
+    /// Queues a last control frame (e.g. Restarting): the writer writes
+    /// what is queued, this frame last, and then ends the connection.
+    pub fn finish_with(&self, frame: Frame) {
+        let mut st = self.state.lock();
+        if st.closed || st.finishing {
+            return;
+        }
+        st.queued.control.push_back(frame);
+        st.finishing = true;
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// Waits until something is queued or the outbox closes.
@@ -218,6 +234,22 @@ mod tests {
         assert_eq!(b.pong, Some([1; 8]));
         b.clear();
         assert!(o.set_pong([3; 8]));
+    }
+
+    #[test]
+    fn finishing_outbox_drains_then_ends() {
+        let o = Outbox::new(4, 4);
+        o.push_packet(pkt(1), false);
+        o.finish_with(Frame::Restarting {
+            reconnect_in_ms: 1,
+            try_for_ms: 2,
+        });
+        let mut b = Batch::default();
+        assert!(o.take(&mut b));
+        assert_eq!(b.packets.len(), 1);
+        assert!(matches!(b.control.back(), Some(Frame::Restarting { .. })));
+        b.clear();
+        assert!(!o.take(&mut b));
     }
 
     #[test]

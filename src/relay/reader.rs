@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::conn::ClientConn;
 use super::outbox::{Enqueued, QueuedPacket};
+use super::ratelimit::TokenBucket;
 use super::registry::SentTo;
 use super::Shared;
 use crate::metrics::DropReason;
@@ -38,36 +39,9 @@ pub enum ReaderEnd {
     /// The socket failed.
     #[error("read error: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Token bucket for PeerGone(NotHere) replies: burst 3, one per second.
-struct NotHereLimiter {
-    tokens: f64,
-    last: Instant,
-}
-
-impl NotHereLimiter {
-    const BURST: f64 = 3.0;
-
-    fn new() -> Self {
-        NotHereLimiter {
-            tokens: Self::BURST,
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + refill).min(Self::BURST);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+    /// Nothing arrived within the idle timeout.
+    #[error("idle timeout")]
+    Idle,
 }
 
 /// Per-reader state.
@@ -78,7 +52,8 @@ pub struct Reader {
     /// Where this connection's packets went (for PeerGone when it leaves).
     pub sent_to: SentTo,
     last_dst: Option<(NodePublic, u64)>,
-    not_here: NotHereLimiter,
+    /// PeerGone(NotHere) replies: burst 3, one per second.
+    not_here: TokenBucket,
     connected_at: Instant,
 }
 
@@ -100,7 +75,7 @@ impl Reader {
             decoder,
             sent_to: SentTo::new(),
             last_dst: None,
-            not_here: NotHereLimiter::new(),
+            not_here: TokenBucket::new(1.0, 3.0),
             connected_at: Instant::now(),
         }
     }
@@ -109,20 +84,54 @@ impl Reader {
     /// bytes already read past the handshake.
     pub async fn run<R: AsyncRead + Unpin>(&mut self, r: &mut R, mut buf: BytesMut) -> ReaderEnd {
         let cancel = self.conn.cancel.clone();
+        let idle = self.shared.config.idle_timeout;
+        let mut limiter: Option<TokenBucket> = None;
+        let mut rate_generation = u64::MAX;
         loop {
             if let Err(e) = self.drain(&mut buf) {
                 return e;
             }
+            if !self.conn.can_mesh {
+                if self.shared.client_rate_generation() != rate_generation {
+                    let (rate, g) = self.shared.client_rate();
+                    rate_generation = g;
+                    limiter = rate
+                        .is_enabled()
+                        .then(|| TokenBucket::new(rate.bytes_per_sec as f64, rate.burst as f64));
+                }
+                if let Some(wait) = limiter.as_mut().map(|l| l.debt_wait()).filter(|w| !w.is_zero()) {
+                    self.shared.metrics.rate_limit_waits.inc();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return ReaderEnd::Closed,
+                    }
+                }
+            }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(READ_CHUNK);
             }
+            let read = async {
+                match idle {
+                    Some(d) => tokio::time::timeout(d, r.read_buf(&mut buf))
+                        .await
+                        .unwrap_or(Err(std::io::ErrorKind::TimedOut.into())),
+                    None => r.read_buf(&mut buf).await,
+                }
+            };
             let n = tokio::select! {
-                r = r.read_buf(&mut buf) => r,
+                r = read => r,
                 _ = cancel.cancelled() => return ReaderEnd::Closed,
             };
             match n {
                 Ok(0) => return ReaderEnd::Eof,
-                Ok(_) => {}
+                Ok(n) => {
+                    if let Some(l) = limiter.as_mut() {
+                        l.take(n as f64);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && idle.is_some() => {
+                    return ReaderEnd::Idle
+                }
                 Err(e) => return ReaderEnd::Io(e),
             }
         }
@@ -223,7 +232,7 @@ impl Reader {
                     .metrics
                     .dropped(DropReason::UnknownDest, disco)
                     .add(1, payload.len() as u64);
-                if disco && self.not_here.allow() {
+                if disco && self.not_here.try_take(1.0) {
                     self.conn.outbox.push_control(Frame::PeerGone {
                         key: dst,
                         reason: PeerGoneReason::NotHere,

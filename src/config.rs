@@ -1,0 +1,640 @@
+//! Configuration: command-line flags and a TOML file (`--config`) with the
+//! same keys, flags winning. Everything is validated here, into the typed
+//! [`ServerConfig`] the server starts from; a bad value is an error that
+//! names its key and says what is expected.
+//!
+//! File keys are the long flag names: `tcp-write-timeout = "2s"`,
+//! `accept-connection-limit = 100.0`, … Unknown keys are errors.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::relay::{ClientRateLimit, RelayConfig};
+
+/// How the main listener gets its TLS certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertMode {
+    /// Plain HTTP, no TLS.
+    None,
+    /// `<certdir>/<hostname>.crt` and `.key`, reloaded when they change.
+    Manual,
+    /// ACME (Let's Encrypt or any `--acme-directory`).
+    Letsencrypt,
+    /// A self-signed certificate made at start (labs and tests).
+    SelfSigned,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every `serve` setting, as flags and as TOML keys. All optional here;
+/// defaults are applied in [`Settings::resolve`].
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Listen address: `ip:port`, `[ipv6]:port`, or `:port` for every
+    /// address. Default 127.0.0.1:3340.
+    #[arg(short = 'a', long = "addr")]
+    pub addr: Option<String>,
+    /// Development mode: 127.0.0.1:3340, plain HTTP, a fresh key each start.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub dev: Option<bool>,
+    /// Hostname this relay serves (TLS certificate name). Default localhost.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Private key file (derper format); created with mode 0600 if missing.
+    /// Default <state-dir>/derpd.key.
+    #[arg(short = 'c', long = "key-file")]
+    pub key_file: Option<PathBuf>,
+    /// Directory for durable state.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// TLS certificate mode. Default: letsencrypt when the port is 443,
+    /// otherwise none (plain HTTP), as Tailscale's derper does.
+    #[arg(long, value_enum)]
+    pub certmode: Option<CertMode>,
+    /// Directory of `<hostname>.crt`/`.key` (manual) or the ACME cache.
+    #[arg(long)]
+    pub certdir: Option<PathBuf>,
+    /// ACME directory URL (letsencrypt mode).
+    #[arg(long)]
+    pub acme_directory: Option<String>,
+    /// ACME account contact e-mail.
+    #[arg(long)]
+    pub acme_email: Option<String>,
+    /// PEM file of extra CA roots trusted for the ACME directory (tests).
+    #[arg(long)]
+    pub acme_ca_file: Option<PathBuf>,
+    /// Plain-HTTP port served next to a TLS listener (probes, ACME
+    /// challenges, redirects); -1 disables. Default 80.
+    #[arg(long, allow_negative_numbers = true)]
+    pub http_port: Option<i32>,
+    /// Run the STUN server. Default true.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub stun: Option<bool>,
+    /// STUN UDP port on the listen address's IP. Default 3478.
+    #[arg(long)]
+    pub stun_port: Option<u16>,
+    /// Prometheus `/metrics` listen address; "off" disables.
+    /// Default 127.0.0.1:9344.
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+    /// Serve DERP over WebSocket on /derp. Default true.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub websocket: Option<bool>,
+    /// File holding the region's mesh pre-shared key (64 hex digits).
+    #[arg(long)]
+    pub mesh_psk_file: Option<PathBuf>,
+    /// Write deadline for regular clients; 0 disables. Default 2s.
+    #[arg(long)]
+    pub tcp_write_timeout: Option<String>,
+    /// Deadline for a client to finish the HTTP request and DERP handshake.
+    /// Default 10s.
+    #[arg(long)]
+    pub handshake_timeout: Option<String>,
+    /// Close clients that send nothing for this long; 0 disables (the
+    /// default: idle Tailscale clients legitimately send nothing).
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// Packets queued per destination (regular and disco each). Default 32.
+    #[arg(long)]
+    pub queue_depth: Option<usize>,
+    /// Most concurrent connections; 0 = unlimited (the default).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// New connections accepted per second (token bucket); 0 = unlimited.
+    #[arg(long)]
+    pub accept_connection_limit: Option<f64>,
+    /// Burst of the accept-rate bucket. Default: the per-second limit.
+    #[arg(long)]
+    pub accept_connection_burst: Option<u32>,
+    /// Per-client receive limit in bytes/s (0 = off); announced to clients in
+    /// ServerInfo. Reloaded on SIGHUP.
+    #[arg(long)]
+    pub per_client_rate_limit: Option<u64>,
+    /// Per-client receive burst in bytes (raised to at least 65568).
+    #[arg(long)]
+    pub per_client_rate_burst: Option<u64>,
+    /// derper-style rate config JSON file
+    /// (`{"PerClientRateLimitBytesPerSec":N,"PerClientRateBurstBytes":M}`),
+    /// reloaded on SIGHUP; overrides the two settings above.
+    #[arg(long)]
+    pub rate_config: Option<PathBuf>,
+    /// On SIGTERM, how long to wait for clients to leave before exiting.
+    /// Default 10s.
+    #[arg(long)]
+    pub shutdown_timeout: Option<String>,
+    /// Reconnect hint sent in the Restarting frame. Default 1s.
+    #[arg(long)]
+    pub restart_reconnect_in: Option<String>,
+    /// How long clients should keep trying, in the Restarting frame.
+    /// Default 30s.
+    #[arg(long)]
+    pub restart_try_for: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What the TOML parser said (includes the key and position).
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The setting's name.
+        key: &'static str,
+        /// What is expected.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// TLS settings of the main listener.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Certificate mode (never `None` here).
+    pub mode: CertMode,
+    /// Certificate directory / ACME cache.
+    pub certdir: PathBuf,
+    /// ACME directory URL.
+    pub acme_directory: String,
+    /// ACME contact.
+    pub acme_email: Option<String>,
+    /// Extra trusted roots for talking to the ACME directory.
+    pub acme_ca_file: Option<PathBuf>,
+}
+
+/// Connection limits of the listeners.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Most concurrent connections (0 = unlimited).
+    pub max_connections: usize,
+    /// Accepted connections per second (0 = unlimited).
+    pub accept_per_sec: f64,
+    /// Accept burst.
+    pub accept_burst: u32,
+}
+
+/// What SIGTERM does.
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// How long to wait for clients to leave.
+    pub timeout: Duration,
+    /// Reconnect hint in the Restarting frame.
+    pub reconnect_in: Duration,
+    /// Try-for hint in the Restarting frame.
+    pub try_for: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings {
+            timeout: Duration::from_secs(10),
+            reconnect_in: Duration::from_secs(1),
+            try_for: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything needed to start a relay, validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Main DERP/HTTP(S) listen address.
+    pub addr: SocketAddr,
+    /// The relay's hostname.
+    pub hostname: String,
+    /// TLS on the main listener (`None` = plain HTTP).
+    pub tls: Option<TlsSettings>,
+    /// Plain-HTTP listener next to TLS (`None` = off).
+    pub http_addr: Option<SocketAddr>,
+    /// STUN listen address (`None` = no STUN).
+    pub stun_addr: Option<SocketAddr>,
+    /// Metrics listen address (`None` = off).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Serve DERP over WebSocket.
+    pub websocket: bool,
+    /// Relay core tunables.
+    pub relay: RelayConfig,
+    /// Honour `Derp-Fast-Start`.
+    pub fast_start: bool,
+    /// Listener limits.
+    pub limits: Limits,
+    /// SIGTERM behaviour.
+    pub shutdown: ShutdownSettings,
+    /// derper-style rate config file, re-read on SIGHUP.
+    pub rate_config: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// Loopback, any free port, plain HTTP, no STUN or metrics: for tests.
+    pub fn loopback_ephemeral() -> ServerConfig {
+        ServerConfig {
+            addr: "127.0.0.1:0".parse().expect("valid address"),
+            hostname: "localhost".into(),
+            tls: None,
+            http_addr: None,
+            stun_addr: None,
+            metrics_addr: None,
+            websocket: true,
+            relay: RelayConfig::default(),
+            fast_start: true,
+            limits: Limits::default(),
+            shutdown: ShutdownSettings::default(),
+            rate_config: None,
+        }
+    }
+}
+
+/// Parses `ip:port`, `[v6]:port` or `:port` (every address, dual-stack).
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?} has a bad port"))?;
+        return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is not ip:port, [ipv6]:port or :port"))
+}
+
+/// Parses a duration like `2s`, `500ms`, `10m`; a bare `0` is zero.
+pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim())
+        .map_err(|e| invalid(key, format!("{s:?} is not a duration like 2s, 500ms or 10m ({e})")))
+}
+
+/// Reads the derper rate-config JSON file.
+pub fn load_rate_config(path: &Path) -> Result<ClientRateLimit, ConfigError> {
+    #[derive(Deserialize)]
+    struct RateFile {
+        #[serde(rename = "PerClientRateLimitBytesPerSec", default)]
+        rate: u64,
+        #[serde(rename = "PerClientRateBurstBytes", default)]
+        burst: u64,
+    }
+    let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let f: RateFile = serde_json::from_slice(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(ClientRateLimit::new(f.rate, f.burst))
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("XDG_STATE_HOME") {
+        Some(d) => PathBuf::from(d).join("derpd"),
+        None => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".local/state/derpd"),
+            None => PathBuf::from("/var/lib/derpd"),
+        },
+    }
+}
+
+/// Let's Encrypt's production ACME directory.
+pub const LETSENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+macro_rules! overlay {
+    ($dst:ident, $src:ident, $($f:ident),* $(,)?) => {
+        $( if $dst.$f.is_none() { $dst.$f = $src.$f; } )*
+    };
+}
+
+impl Settings {
+    /// Flags first, then the file named by `--config` (if any).
+    pub fn with_file(mut self) -> Result<Settings, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let file: Settings = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        overlay!(
+            self,
+            file,
+            addr,
+            dev,
+            hostname,
+            key_file,
+            state_dir,
+            certmode,
+            certdir,
+            acme_directory,
+            acme_email,
+            acme_ca_file,
+            http_port,
+            stun,
+            stun_port,
+            metrics_addr,
+            websocket,
+            mesh_psk_file,
+            tcp_write_timeout,
+            handshake_timeout,
+            idle_timeout,
+            queue_depth,
+            max_connections,
+            accept_connection_limit,
+            accept_connection_burst,
+            per_client_rate_limit,
+            per_client_rate_burst,
+            rate_config,
+            shutdown_timeout,
+            restart_reconnect_in,
+            restart_try_for,
+            log_format,
+        );
+        Ok(self)
+    }
+
+    /// Whether dev mode is on.
+    pub fn is_dev(&self) -> bool {
+        self.dev.unwrap_or(false)
+    }
+
+    /// The key file path (None in dev mode: the key is ephemeral).
+    pub fn key_file_path(&self) -> Option<PathBuf> {
+        if self.is_dev() {
+            return None;
+        }
+        Some(self.key_file.clone().unwrap_or_else(|| {
+            self.state_dir
+                .clone()
+                .unwrap_or_else(default_state_dir)
+                .join("derpd.key")
+        }))
+    }
+
+    /// The per-client rate limit from the settings (not the rate file).
+    pub fn client_rate(&self) -> Result<ClientRateLimit, ConfigError> {
+        if let Some(path) = &self.rate_config {
+            return load_rate_config(path);
+        }
+        Ok(ClientRateLimit::new(
+            self.per_client_rate_limit.unwrap_or(0),
+            self.per_client_rate_burst.unwrap_or(0),
+        ))
+    }
+
+    /// Validates everything and applies defaults.
+    pub fn resolve(&self) -> Result<ServerConfig, ConfigError> {
+        let dev = self.is_dev();
+        let addr = match (&self.addr, dev) {
+            (Some(a), _) => parse_listen_addr(a).map_err(|m| invalid("addr", m))?,
+            (None, _) => "127.0.0.1:3340".parse().expect("valid"),
+        };
+        let hostname = self.hostname.clone().unwrap_or_else(|| "localhost".into());
+        if hostname.is_empty() {
+            return Err(invalid("hostname", "must not be empty"));
+        }
+        let mode = match self.certmode {
+            Some(m) => m,
+            None if addr.port() == 443 && !dev => CertMode::Letsencrypt,
+            None => CertMode::None,
+        };
+        if dev && mode != CertMode::None {
+            return Err(invalid("certmode", "dev mode serves plain HTTP only"));
+        }
+        let tls = (mode != CertMode::None).then(|| TlsSettings {
+            mode,
+            certdir: self.certdir.clone().unwrap_or_else(|| {
+                self.state_dir
+                    .clone()
+                    .unwrap_or_else(default_state_dir)
+                    .join("certs")
+            }),
+            acme_directory: self
+                .acme_directory
+                .clone()
+                .unwrap_or_else(|| LETSENCRYPT_DIRECTORY.into()),
+            acme_email: self.acme_email.clone(),
+            acme_ca_file: self.acme_ca_file.clone(),
+        });
+        let http_port = self.http_port.unwrap_or(80);
+        let http_addr = match http_port {
+            -1 => None,
+            p if (0..=65535).contains(&p) => {
+                tls.as_ref().map(|_| SocketAddr::new(addr.ip(), p as u16))
+            }
+            p => {
+                return Err(invalid(
+                    "http-port",
+                    format!("{p} is not a port (0-65535) or -1 to disable"),
+                ))
+            }
+        };
+        let stun_addr = self
+            .stun
+            .unwrap_or(true)
+            .then(|| SocketAddr::new(addr.ip(), self.stun_port.unwrap_or(3478)));
+        let metrics_addr = match self.metrics_addr.as_deref().unwrap_or("127.0.0.1:9344") {
+            "off" | "" => None,
+            a => Some(parse_listen_addr(a).map_err(|m| invalid("metrics-addr", m))?),
+        };
+        let dur = |key, v: &Option<String>, default: &str| {
+            parse_duration(key, v.as_deref().unwrap_or(default))
+        };
+        let write_timeout = dur("tcp-write-timeout", &self.tcp_write_timeout, "2s")?;
+        let handshake_timeout = dur("handshake-timeout", &self.handshake_timeout, "10s")?;
+        if handshake_timeout.is_zero() {
+            return Err(invalid("handshake-timeout", "must be greater than 0"));
+        }
+        let idle_timeout = dur("idle-timeout", &self.idle_timeout, "0")?;
+        let queue_depth = self.queue_depth.unwrap_or(32);
+        if !(1..=65_536).contains(&queue_depth) {
+            return Err(invalid("queue-depth", "must be between 1 and 65536"));
+        }
+        let accept_per_sec = self.accept_connection_limit.unwrap_or(0.0);
+        if !accept_per_sec.is_finite() || accept_per_sec < 0.0 {
+            return Err(invalid(
+                "accept-connection-limit",
+                "must be a non-negative number of connections per second (0 = unlimited)",
+            ));
+        }
+        let accept_burst = self
+            .accept_connection_burst
+            .unwrap_or(accept_per_sec.ceil().max(1.0) as u32);
+        if accept_per_sec > 0.0 && accept_burst == 0 {
+            return Err(invalid("accept-connection-burst", "must be at least 1"));
+        }
+        let client_rate = self.client_rate()?;
+        let shutdown = ShutdownSettings {
+            timeout: dur("shutdown-timeout", &self.shutdown_timeout, "10s")?,
+            reconnect_in: dur("restart-reconnect-in", &self.restart_reconnect_in, "1s")?,
+            try_for: dur("restart-try-for", &self.restart_try_for, "30s")?,
+        };
+        Ok(ServerConfig {
+            addr,
+            hostname,
+            tls,
+            http_addr,
+            stun_addr,
+            metrics_addr,
+            websocket: self.websocket.unwrap_or(true),
+            relay: RelayConfig {
+                queue_depth,
+                write_timeout: (!write_timeout.is_zero()).then_some(write_timeout),
+                handshake_timeout,
+                idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+                client_rate,
+                ..RelayConfig::default()
+            },
+            fast_start: true,
+            limits: Limits {
+                max_connections: self.max_connections.unwrap_or(0),
+                accept_per_sec,
+                accept_burst,
+            },
+            shutdown,
+            rate_config: self.rate_config.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(s: &str) -> Result<Settings, String> {
+        toml::from_str::<Settings>(s).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_a_loopback_plain_relay() {
+        let c = Settings::default().resolve().unwrap();
+        assert_eq!(c.addr, "127.0.0.1:3340".parse().unwrap());
+        assert!(c.tls.is_none());
+        assert_eq!(c.stun_addr, Some("127.0.0.1:3478".parse().unwrap()));
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9344".parse().unwrap()));
+        assert_eq!(c.relay.write_timeout, Some(Duration::from_secs(2)));
+        assert!(c.http_addr.is_none());
+    }
+
+    #[test]
+    fn port_443_defaults_to_letsencrypt_like_derper() {
+        let s = Settings {
+            addr: Some(":443".into()),
+            ..Default::default()
+        };
+        let c = s.resolve().unwrap();
+        assert_eq!(c.tls.unwrap().mode, CertMode::Letsencrypt);
+        assert_eq!(c.http_addr.unwrap().port(), 80);
+    }
+
+    #[test]
+    fn file_keys_are_flag_names_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("derpd.toml");
+        std::fs::write(
+            &path,
+            "addr = \"127.0.0.1:8443\"\nqueue-depth = 64\ntcp-write-timeout = \"5s\"\naccept-connection-limit = 50.0\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            config: Some(path),
+            queue_depth: Some(8),
+            ..Default::default()
+        };
+        let c = flags.with_file().unwrap().resolve().unwrap();
+        assert_eq!(c.addr.port(), 8443);
+        assert_eq!(c.relay.queue_depth, 8);
+        assert_eq!(c.relay.write_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(c.limits.accept_per_sec, 50.0);
+        assert_eq!(c.limits.accept_burst, 50);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = from_toml("qeue-depth = 3").unwrap_err();
+        assert!(e.contains("qeue-depth"), "{e}");
+        let e = from_toml("stun-port = \"x\"").unwrap_err();
+        assert!(e.contains("stun-port"), "{e}");
+        let s = from_toml("tcp-write-timeout = \"soon\"").unwrap();
+        let e = s.resolve().unwrap_err().to_string();
+        assert!(e.starts_with("tcp-write-timeout:"), "{e}");
+        let s = from_toml("queue-depth = 0").unwrap();
+        assert!(s.resolve().unwrap_err().to_string().starts_with("queue-depth:"));
+        let s = from_toml("http-port = 70000").unwrap();
+        assert!(s.resolve().unwrap_err().to_string().starts_with("http-port:"));
+        let s = from_toml("addr = \"nowhere\"").unwrap();
+        assert!(s.resolve().unwrap_err().to_string().starts_with("addr:"));
+        let s = from_toml("accept-connection-limit = -1.0").unwrap();
+        assert!(s
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("accept-connection-limit:"));
+        let e = from_toml("certmode = \"sometimes\"").unwrap_err();
+        assert!(e.contains("certmode"), "{e}");
+    }
+
+    #[test]
+    fn rate_config_file_in_derper_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rate.json");
+        std::fs::write(
+            &p,
+            r#"{"PerClientRateLimitBytesPerSec":1250000,"PerClientRateBurstBytes":10}"#,
+        )
+        .unwrap();
+        let r = load_rate_config(&p).unwrap();
+        assert_eq!(r.bytes_per_sec, 1_250_000);
+        assert_eq!(r.burst, 65_568);
+        std::fs::write(&p, "{}").unwrap();
+        assert!(!load_rate_config(&p).unwrap().is_enabled());
+        std::fs::write(&p, "not json").unwrap();
+        assert!(load_rate_config(&p).is_err());
+        assert!(load_rate_config(&dir.path().join("missing")).is_err());
+    }
+}
