@@ -287,9 +287,7 @@ impl ServerConfig {
 /// Parses `ip:port`, `[v6]:port` or `:port` (every address, dual-stack).
 pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
     if let Some(port) = s.strip_prefix(':') {
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{s:?} has a bad port"))?;
+        let port: u16 = port.parse().map_err(|_| format!("{s:?} has a bad port"))?;
         return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
     }
     s.parse()
@@ -301,8 +299,12 @@ pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigErro
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s.trim())
-        .map_err(|e| invalid(key, format!("{s:?} is not a duration like 2s, 500ms or 10m ({e})")))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not a duration like 2s, 500ms or 10m ({e})"),
+        )
+    })
 }
 
 /// Reads the derper rate-config JSON file.
@@ -604,9 +606,17 @@ mod tests {
         let e = s.resolve().unwrap_err().to_string();
         assert!(e.starts_with("tcp-write-timeout:"), "{e}");
         let s = from_toml("queue-depth = 0").unwrap();
-        assert!(s.resolve().unwrap_err().to_string().starts_with("queue-depth:"));
+        assert!(s
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("queue-depth:"));
         let s = from_toml("http-port = 70000").unwrap();
-        assert!(s.resolve().unwrap_err().to_string().starts_with("http-port:"));
+        assert!(s
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("http-port:"));
         let s = from_toml("addr = \"nowhere\"").unwrap();
         assert!(s.resolve().unwrap_err().to_string().starts_with("addr:"));
         let s = from_toml("accept-connection-limit = -1.0").unwrap();

@@ -56,7 +56,10 @@ async fn serve(flags: Settings) -> Result<(), String> {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| format!("mesh-psk-file {}: {e}", p.display()))?;
             Some(MeshKey::from_hex(&text).map_err(|_| {
-                format!("mesh-psk-file {}: must hold exactly 64 hex digits", p.display())
+                format!(
+                    "mesh-psk-file {}: must hold exactly 64 hex digits",
+                    p.display()
+                )
             })?)
         }
         None => None,

@@ -118,6 +118,8 @@ pub struct Metrics {
     pub packets_forwarded_in: IntCounter,
     /// Connections refused for presenting mesh-only frames without the mesh key.
     pub mesh_frame_refusals: IntCounter,
+    /// Time the oldest packet of each write batch spent queued.
+    pub queue_delay: prometheus::Histogram,
     /// Times a client's reader waited for its receive rate limit.
     pub rate_limit_waits: IntCounter,
     /// Frames written per flush, summed (with `write_batches` gives the average batch).
@@ -209,6 +211,17 @@ impl Metrics {
             "DERP handshakes that failed, by reason.",
             &["reason"],
         );
+        for reason in [
+            "timeout",
+            "not_client_info",
+            "box_open",
+            "bad_mesh_key",
+            "bad_client_info",
+            "bad_frame",
+            "io",
+        ] {
+            handshake_failures.with_label_values(&[reason]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new("derpd_build_info", "Build information; always 1."),
             &["version"],
@@ -320,6 +333,21 @@ impl Metrics {
                 "derp_mesh_frame_refusals_total",
                 "Connections closed for sending a mesh-only frame without the mesh key.",
             ),
+            queue_delay: {
+                let h = prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        "derp_queue_delay_seconds",
+                        "Time the oldest packet of each write batch waited in its client's queue.",
+                    )
+                    .buckets(vec![
+                        10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+                        25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+                    ]),
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             rate_limit_waits: counter(
                 &r,
                 "derp_rate_limit_waits_total",
@@ -340,12 +368,18 @@ impl Metrics {
                 "derpd_connections_accepted_total",
                 "TCP connections admitted by the listeners.",
             ),
-            connections_rejected: counter_vec(
-                &r,
-                "derpd_connections_rejected_total",
-                "TCP connections closed at accept, by reason (max_connections, accept_rate).",
-                &["reason"],
-            ),
+            connections_rejected: {
+                let c = counter_vec(
+                    &r,
+                    "derpd_connections_rejected_total",
+                    "TCP connections closed at accept, by reason (max_connections, accept_rate).",
+                    &["reason"],
+                );
+                for reason in ["max_connections", "accept_rate"] {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
             tls_handshake_errors: counter(
                 &r,
                 "derpd_tls_handshake_errors_total",
@@ -444,7 +478,7 @@ impl prometheus::core::Collector for StunCollector {
                 let mut c = Counter::default();
                 c.set_value(*n as f64);
                 let mut m = Metric::default();
-                m.set_label(vec![lp].into());
+                m.set_label(vec![lp]);
                 m.set_counter(c);
                 mf.mut_metric().push(m);
             }

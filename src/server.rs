@@ -123,9 +123,11 @@ impl Server {
             let sock = UdpSocket::bind(a).await.map_err(bind("stun", a))?;
             stun_addr = Some(sock.local_addr().map_err(bind("stun", a))?);
             let stop = stop_all.clone();
-            tasks.spawn(stun::serve(Arc::new(sock), stun_stats.clone(), async move {
-                stop.cancelled().await
-            }));
+            tasks.spawn(stun::serve(
+                Arc::new(sock),
+                stun_stats.clone(),
+                async move { stop.cancelled().await },
+            ));
         }
 
         let mut metrics_addr = None;
@@ -174,7 +176,9 @@ impl Server {
         if let Some(tls) = &self.tls {
             match tls.reload() {
                 Ok(()) => tracing::info!("certificates reloaded"),
-                Err(e) => tracing::error!(error = %e, "certificate reload failed; keeping the old one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "certificate reload failed; keeping the old one")
+                }
             }
         }
     }
@@ -193,7 +197,10 @@ impl Server {
         }
         let left = self.relay.shared().registry.len();
         if left > 0 {
-            tracing::warn!(clients = left, "shutdown timeout reached; closing remaining clients");
+            tracing::warn!(
+                clients = left,
+                "shutdown timeout reached; closing remaining clients"
+            );
         }
         self.shutdown().await;
     }
@@ -246,9 +253,8 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, shutdown: C
 async fn serve_simple<F, Fut>(listener: TcpListener, shutdown: CancellationToken, handler: F)
 where
     F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<
-            Output = Result<Response<Full<Bytes>>, std::convert::Infallible>,
-        > + Send
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, std::convert::Infallible>>
+        + Send
         + 'static,
 {
     loop {

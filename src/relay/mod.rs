@@ -202,7 +202,11 @@ impl Relay {
         self.shared
             .client_rate_generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        tracing::info!(bytes_per_sec = rate.bytes_per_sec, burst = rate.burst, "per-client rate limit set");
+        tracing::info!(
+            bytes_per_sec = rate.bytes_per_sec,
+            burst = rate.burst,
+            "per-client rate limit set"
+        );
     }
 
     /// Tells every client the relay is restarting (the `Restarting` frame
@@ -260,9 +264,14 @@ impl Relay {
             (Some(ours), Some(theirs)) => ours.matches(theirs),
             _ => false,
         };
+        let (rate, _) = shared.client_rate();
+        let advertised = if can_mesh || !rate.is_enabled() {
+            ServerInfo::current(0, 0)
+        } else {
+            ServerInfo::current(rate.bytes_per_sec as i64, rate.burst as i64)
+        };
         let server_info =
-            seal_server_info(&shared.private_key, &client_key, &ServerInfo::current(0, 0))
-                .to_bytes();
+            seal_server_info(&shared.private_key, &client_key, &advertised).to_bytes();
         let control_cap = if can_mesh {
             shared.config.mesh_control_queue_cap
         } else {

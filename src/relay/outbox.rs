@@ -46,6 +46,8 @@ pub struct Batch {
     pub control: VecDeque<Frame>,
     /// A pending pong.
     pub pong: Option<[u8; 8]>,
+    /// When the oldest packet in the batch was queued.
+    pub oldest: Option<std::time::Instant>,
 }
 
 impl Batch {
@@ -63,6 +65,7 @@ impl Batch {
         self.disco.clear();
         self.control.clear();
         self.pong = None;
+        self.oldest = None;
     }
 }
 
@@ -104,12 +107,15 @@ impl Outbox {
             return Enqueued::Closed;
         }
         let was_empty = st.queued.is_empty();
+        let mut result = Enqueued::Ok;
+        if was_empty {
+            st.queued.oldest = Some(std::time::Instant::now());
+        }
         let q = if disco {
             &mut st.queued.disco
         } else {
             &mut st.queued.packets
         };
-        let mut result = Enqueued::Ok;
         if q.len() >= self.depth {
             let old = q.pop_front().expect("a full queue is not empty");
             result = Enqueued::EvictedHead(old.payload.len());

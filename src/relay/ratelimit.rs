@@ -108,6 +108,9 @@ mod tests {
         let mut d = TokenBucket::new(1000.0, 100.0);
         d.take(1100.0);
         let w = d.debt_wait();
-        assert!(w > Duration::from_millis(900) && w <= Duration::from_secs(1), "{w:?}");
+        assert!(
+            w > Duration::from_millis(900) && w <= Duration::from_secs(1),
+            "{w:?}"
+        );
     }
 }

@@ -99,7 +99,11 @@ impl Reader {
                         .is_enabled()
                         .then(|| TokenBucket::new(rate.bytes_per_sec as f64, rate.burst as f64));
                 }
-                if let Some(wait) = limiter.as_mut().map(|l| l.debt_wait()).filter(|w| !w.is_zero()) {
+                if let Some(wait) = limiter
+                    .as_mut()
+                    .map(|l| l.debt_wait())
+                    .filter(|w| !w.is_zero())
+                {
                     self.shared.metrics.rate_limit_waits.inc();
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}

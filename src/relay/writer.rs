@@ -156,6 +156,9 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     }
     frames += npackets as u64;
     m.sent.add(npackets as u64, bytes);
+    if let Some(t) = batch.oldest {
+        m.queue_delay.observe(t.elapsed().as_secs_f64());
+    }
     m.write_batches.inc();
     m.write_batch_frames.inc_by(frames);
     Ok(())
