@@ -169,6 +169,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         frame.encode(&mut self.out);
     }
 
+    /// Queues a SendPacket of `len` payload bytes to `dst` without
+    /// flushing; `fill` writes the payload in place (no intermediate copy).
+    pub fn queue_packet_with(&mut self, dst: NodePublic, len: usize, fill: impl FnOnce(&mut [u8])) {
+        crate::proto::frame::put_header(
+            &mut self.out,
+            crate::proto::FrameType::SendPacket as u8,
+            32 + len,
+        );
+        self.out.extend_from_slice(&dst.0);
+        let start = self.out.len();
+        self.out.resize(start + len, 0);
+        fill(&mut self.out[start..]);
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn queued_len(&self) -> usize {
+        self.out.len()
+    }
+
     /// Writes every queued frame.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         if !self.out.is_empty() {
@@ -243,5 +262,111 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// The underlying stream.
     pub fn into_inner(self) -> S {
         self.stream
+    }
+}
+
+/// Any byte stream a client can run over (plain TCP or TLS).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A client over a boxed stream, as returned by [`dial`].
+pub type DynClient = Client<Box<dyn Stream>>;
+
+/// Dials `http://host:port` or `https://host:port` (TLS). With `insecure`,
+/// the server certificate is not verified (labs and benchmarks only);
+/// otherwise it must chain to the webpki roots.
+pub async fn dial(url: &str, key: &NodePrivate, insecure: bool) -> Result<DynClient, ClientError> {
+    dial_with(url, key, insecure, ClientInfo::default()).await
+}
+
+/// [`dial`] with a custom ClientInfo.
+pub async fn dial_with(
+    url: &str,
+    key: &NodePrivate,
+    insecure: bool,
+    info: ClientInfo,
+) -> Result<DynClient, ClientError> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        let addr = host_port(url)?;
+        let stream = TcpStream::connect(&addr).await?;
+        stream.set_nodelay(true)?;
+        let boxed: Box<dyn Stream> = Box::new(stream);
+        return Client::upgrade_and_handshake(boxed, &addr, key, info).await;
+    };
+    let hp = rest.split('/').next().unwrap_or("");
+    let addr = if hp.contains(':') {
+        hp.to_owned()
+    } else {
+        format!("{hp}:443")
+    };
+    let host = addr.rsplit_once(':').map_or(&addr[..], |(h, _)| h);
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let config = tls_client_config(insecure);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host)
+        .map_err(|_| ClientError::BadUrl(url.to_owned()))?;
+    let tcp = TcpStream::connect(&addr).await?;
+    tcp.set_nodelay(true)?;
+    let tls = connector.connect(name, tcp).await?;
+    let boxed: Box<dyn Stream> = Box::new(tls);
+    Client::upgrade_and_handshake(boxed, &addr, key, info).await
+}
+
+fn tls_client_config(insecure: bool) -> rustls::ClientConfig {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    if insecure {
+        return rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify))
+            .with_no_client_auth();
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// Accepts any server certificate (`--insecure`).
+#[derive(Debug)]
+struct NoVerify;
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

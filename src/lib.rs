@@ -5,6 +5,7 @@
 //! pure DERP protocol. [`client`] is a small DERP client used by the probe,
 //! the benchmark and the tests.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod http;

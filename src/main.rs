@@ -26,6 +26,8 @@ enum Command {
         #[arg(long)]
         mesh: bool,
     },
+    /// Load-test any DERP relay: packets/s, Gbit/s, loss, latency, server CPU.
+    Bench(Box<derpd::bench::BenchOptions>),
     /// Check a relay end to end: two clients exchange a packet through it.
     Probe {
         /// Relay URL, e.g. http://127.0.0.1:3340
@@ -141,6 +143,18 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Probe { url } => rt.block_on(probe(&url)),
+        Command::Bench(opts) => rt.block_on(async {
+            let report = derpd::bench::run(&opts).await?;
+            if opts.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializes")
+                );
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -131,6 +131,8 @@ pub struct Metrics {
     connections_rejected: IntCounterVec,
     /// Failed or timed-out TLS handshakes.
     pub tls_handshake_errors: IntCounter,
+    /// DERP connections accepted over WebSocket.
+    pub websocket_accepts: IntCounter,
     /// HTTP requests by route and status.
     pub http_requests: IntCounterVec,
     /// Build information.
@@ -385,6 +387,11 @@ impl Metrics {
                 "derpd_tls_handshake_errors_total",
                 "TLS handshakes that failed or timed out.",
             ),
+            websocket_accepts: counter(
+                &r,
+                "derpd_websocket_accepts_total",
+                "DERP connections accepted over WebSocket.",
+            ),
             http_requests: counter_vec(
                 &r,
                 "derpd_http_requests_total",
@@ -501,5 +508,60 @@ impl prometheus::core::Collector for StunCollector {
                 &[("ipv4", s.ipv4), ("ipv6", s.ipv6)],
             ),
         ]
+    }
+}
+
+/// A metric whose value is read from a closure at scrape time.
+pub struct CallbackMetric {
+    desc: prometheus::core::Desc,
+    counter: bool,
+    read: Box<dyn Fn() -> Option<f64> + Send + Sync>,
+}
+
+impl CallbackMetric {
+    /// A counter (`counter = true`) or gauge named `name`; `read` returning
+    /// `None` omits the sample.
+    pub fn new(
+        name: &str,
+        help: &str,
+        counter: bool,
+        read: impl Fn() -> Option<f64> + Send + Sync + 'static,
+    ) -> CallbackMetric {
+        CallbackMetric {
+            desc: prometheus::core::Desc::new(name.into(), help.into(), vec![], Default::default())
+                .expect("valid metric"),
+            counter,
+            read: Box::new(read),
+        }
+    }
+}
+
+impl prometheus::core::Collector for CallbackMetric {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto::{Counter, Gauge, Metric, MetricFamily, MetricType};
+        let Some(v) = (self.read)() else {
+            return Vec::new();
+        };
+        let mut mf = MetricFamily::default();
+        mf.set_name(self.desc.fq_name.clone());
+        mf.set_help(self.desc.help.clone());
+        let mut m = Metric::default();
+        if self.counter {
+            mf.set_field_type(MetricType::COUNTER);
+            let mut c = Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+        } else {
+            mf.set_field_type(MetricType::GAUGE);
+            let mut g = Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+        }
+        mf.mut_metric().push(m);
+        vec![mf]
     }
 }

@@ -95,7 +95,8 @@ impl Server {
             FrontConfig {
                 fast_start: config.fast_start,
             },
-        );
+        )
+        .with_websocket(config.websocket);
         let limiter = Arc::new(ConnLimiter::new(&config.limits));
         tasks.spawn(accept_loop(
             listener,
@@ -111,6 +112,15 @@ impl Server {
             let l = TcpListener::bind(a).await.map_err(bind("http", a))?;
             http_addr = Some(l.local_addr().map_err(bind("http", a))?);
             tasks.spawn(serve_port80(l, tls.clone(), stop_accepting.clone()));
+        }
+
+        if let Some(tls) = &tls {
+            register_tls_metrics(&metrics, tls);
+            // An ACME certificate is validated through the plain-HTTP
+            // listener, which is up now: wait for the first one.
+            if tls.mode() == crate::config::CertMode::Letsencrypt && http_addr.is_some() {
+                tls.wait_for_certificate(Duration::from_secs(120)).await?;
+            }
         }
 
         let stun_stats = Arc::new(StunStats::new());
@@ -214,6 +224,38 @@ impl Server {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
+    }
+}
+
+fn register_tls_metrics(metrics: &Metrics, tls: &Arc<TlsManager>) {
+    use crate::metrics::CallbackMetric;
+    let (a, b, c) = (tls.clone(), tls.clone(), tls.clone());
+    for m in [
+        CallbackMetric::new(
+            "derpd_tls_certificates_installed_total",
+            "Certificates put into service (initial load, reloads, ACME issuance and renewal).",
+            true,
+            move || Some(a.stats().installed as f64),
+        ),
+        CallbackMetric::new(
+            "derpd_tls_certificate_failures_total",
+            "Failed certificate loads, reloads or ACME orders (the old certificate stayed in service).",
+            true,
+            move || Some(b.stats().failed as f64),
+        ),
+        CallbackMetric::new(
+            "derpd_tls_certificate_expiry_timestamp_seconds",
+            "Unix time at which the served certificate expires.",
+            false,
+            move || {
+                let der = c.current_certificate()?;
+                let info = crate::tls::LeafInfo::parse(&der).ok()?;
+                let t = info.not_after.duration_since(std::time::UNIX_EPOCH).ok()?;
+                Some(t.as_secs_f64())
+            },
+        ),
+    ] {
+        metrics.registry.register(Box::new(m)).expect("unique metric");
     }
 }
 

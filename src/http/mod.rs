@@ -8,6 +8,7 @@ pub mod listener;
 pub mod port80;
 pub mod prefixed;
 pub mod routes;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct Front {
     /// The relay that upgraded connections are handed to.
     pub relay: Relay,
     inner: Arc<FrontConfig>,
+    /// DERP over WebSocket is served (see [`Front::with_websocket`]).
+    websocket: bool,
 }
 
 /// Settings of the front door.
@@ -50,7 +53,15 @@ impl Front {
         Front {
             relay,
             inner: Arc::new(config),
+            websocket: true,
         }
+    }
+
+    /// Enables (the default) or disables DERP over WebSocket; when disabled,
+    /// `/derp` WebSocket requests get `426` like any non-upgrade.
+    pub fn with_websocket(mut self, enabled: bool) -> Front {
+        self.websocket = enabled;
+        self
     }
 }
 
@@ -146,6 +157,10 @@ pub async fn serve_stream<S: Transport>(
         let (r, w) = stream.split_rw();
         front.relay.serve_conn(r, w, buf, remote, opts).await;
         return Ok(());
+    }
+    // DERP over WebSocket (issue 3): handshake answered on the socket.
+    if head.path == "/derp" && head.is_websocket_derp() && front.websocket {
+        return websocket::serve_first_request(stream, buf, remote, front).await;
     }
     serve_hyper(Prefixed::new(buf, stream), remote, front).await
 }

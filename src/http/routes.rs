@@ -152,10 +152,14 @@ fn derp_upgrade(front: &Front, remote: SocketAddr, req: &mut Request<Incoming>) 
             .and_then(|v| v.to_str().ok())
             .is_some_and(|p| p.contains("derp"));
     if ws_derp {
-        return text(
-            StatusCode::NOT_IMPLEMENTED,
-            "DERP over WebSocket is not enabled on this server\n",
-        );
+        // DERP over WebSocket (issue 3); disabled → 426 like a non-upgrade.
+        if !front.websocket {
+            return text(
+                StatusCode::UPGRADE_REQUIRED,
+                "DERP requires connection upgrade\n",
+            );
+        }
+        return super::websocket::upgrade(front, remote, req);
     }
     if !matches!(upgrade.as_deref(), Some("derp") | Some("websocket")) {
         return text(

@@ -24,7 +24,8 @@ struct ClientSet {
     conns: Vec<Arc<ClientConn>>,
     /// The connection that receives packets for the key.
     active: Arc<ClientConn>,
-    /// Connections in the order they last became active (newest last).
+    /// Every registration and every change of sender, newest last: who
+    /// takes over when the active connection leaves.
     history: Vec<ConnId>,
     /// Destinations of closed duplicates, kept until the key leaves.
     sent_to: HashMap<NodePublic, ConnId>,
@@ -104,6 +105,7 @@ impl Registry {
                     let old = &set.conns[0];
                     old.is_dup.store(true, Ordering::Relaxed);
                     set.history.push(old.id);
+                    set.history.push(conn.id);
                     m.current_dup_client_keys.inc();
                     m.current_dup_client_conns.add(2);
                 } else {

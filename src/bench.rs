@@ -1,0 +1,469 @@
+//! `derpd bench`: a load generator that is a plain DERP client, so it
+//! measures any DERP server. N sender→receiver pairs exchange packets that
+//! carry a sequence number and a send timestamp; receivers compute one-way
+//! latency (sender and receiver share this process's monotonic clock).
+//!
+//! Closed loop (`--window W`): each pair keeps at most W packets in flight,
+//! so throughput is measured without loss. Open loop (`--rate PPS`): each
+//! pair sends at a fixed rate, for latency under a known load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::Semaphore;
+
+use crate::client::{dial, DynClient};
+use crate::proto::{Frame, NodePrivate, NodePublic};
+
+/// Bytes at the start of each payload: sequence number and send time.
+const STAMP_LEN: usize = 16;
+
+/// What to run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Relay URL: http://host:port or https://host:port
+    pub url: String,
+    /// Sender→receiver pairs.
+    #[arg(long, default_value_t = 10)]
+    pub pairs: usize,
+    /// Payload bytes per packet (at least 16).
+    #[arg(long, default_value_t = 1200)]
+    pub size: usize,
+    /// Measured duration (after a warm-up of a tenth of it, at most 1 s).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Closed loop: at most this many packets in flight per pair.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Open loop: packets per second per pair.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Extra idle clients to hold connected during the run.
+    #[arg(long, default_value_t = 0)]
+    pub idle: usize,
+    /// Use TLS (the URL should be https://).
+    #[arg(long)]
+    pub tls: bool,
+    /// Do not verify the server certificate.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Server process id: report its CPU per relayed packet and its memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The results of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BenchReport {
+    /// Pairs.
+    pub pairs: usize,
+    /// Payload size.
+    pub size: usize,
+    /// Mode: "window N" or "rate N/s".
+    pub mode: String,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Packets sent in the measured interval.
+    pub sent: u64,
+    /// Of those, packets received.
+    pub received: u64,
+    /// sent − received.
+    pub lost: u64,
+    /// Received packets per second.
+    pub packets_per_sec: f64,
+    /// Payload gigabits per second delivered.
+    pub gbit_per_sec: f64,
+    /// One-way latency percentiles in microseconds.
+    pub latency_us: Percentiles,
+    /// Server CPU microseconds per relayed packet (with `--server-pid`).
+    pub server_cpu_us_per_packet: Option<f64>,
+    /// Server CPU cores used during the run (with `--server-pid`).
+    pub server_cpu_cores: Option<f64>,
+    /// Server resident memory at the end, KiB (with `--server-pid`).
+    pub server_rss_kib: Option<u64>,
+    /// Idle clients held.
+    pub idle_clients: usize,
+    /// Connections accepted and handshaken per second while connecting
+    /// the idle clients.
+    pub handshakes_per_sec: Option<f64>,
+    /// Server resident bytes per idle client (with `--server-pid`).
+    pub server_bytes_per_idle_client: Option<f64>,
+}
+
+/// Latency percentiles.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th.
+    pub p90: f64,
+    /// 99th.
+    pub p99: f64,
+    /// 99.9th.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+fn clock() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// CPU seconds (user + system) and RSS of a process, from /proc.
+pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((ticks / clock_ticks_per_sec(), rss))
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // USER_HZ is 100 on every Linux architecture we run on.
+    100.0
+}
+
+struct PairStats {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// Runs the benchmark.
+pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
+    if opts.size < STAMP_LEN || opts.size > crate::proto::limits::MAX_PACKET_SIZE {
+        return Err(format!(
+            "--size must be between {STAMP_LEN} and {}",
+            crate::proto::limits::MAX_PACKET_SIZE
+        ));
+    }
+    if opts.window.is_some() == opts.rate.is_some() {
+        return Err(
+            "give exactly one of --window N (closed loop) or --rate PPS (open loop)".into(),
+        );
+    }
+    if opts.pairs == 0 {
+        return Err("--pairs must be at least 1".into());
+    }
+    let insecure = opts.insecure;
+    let url = opts
+        .url
+        .trim_end_matches('/')
+        .trim_end_matches("/derp")
+        .to_owned();
+    if opts.tls != url.starts_with("https://") {
+        return Err("--tls goes with an https:// URL".into());
+    }
+    let mut report = BenchReport {
+        pairs: opts.pairs,
+        size: opts.size,
+        mode: match (opts.window, opts.rate) {
+            (Some(w), _) => format!("window {w}"),
+            (_, Some(r)) => format!("rate {r}/s per pair"),
+            _ => unreachable!(),
+        },
+        idle_clients: opts.idle,
+        ..Default::default()
+    };
+
+    // Idle clients first: handshake rate and memory per idle client.
+    let rss_before_idle = opts.server_pid.and_then(proc_usage).map(|u| u.1);
+    let idle = connect_idle(&url, opts.idle, insecure).await?;
+    if let Some((n, secs)) = idle.1 {
+        report.handshakes_per_sec = Some(n as f64 / secs);
+    }
+    if opts.idle > 0 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let (Some(before), Some((_, after))) =
+            (rss_before_idle, opts.server_pid.and_then(proc_usage))
+        {
+            report.server_bytes_per_idle_client =
+                Some((after as f64 - before as f64) * 1024.0 / opts.idle as f64);
+        }
+    }
+
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..opts.pairs {
+        let (sk, rk) = (NodePrivate::generate(), NodePrivate::generate());
+        let s = dial(&url, &sk, insecure).await.map_err(|e| e.to_string())?;
+        let r = dial(&url, &rk, insecure).await.map_err(|e| e.to_string())?;
+        senders.push((s, rk.public()));
+        receivers.push(r);
+    }
+
+    let warmup = (opts.duration / 10).min(Duration::from_secs(1));
+    let start = clock();
+    let measure_from = start + warmup.as_nanos() as u64;
+    let measure_to = measure_from + opts.duration.as_nanos() as u64;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stats = Vec::new();
+    let hists = Arc::new(parking_lot::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+    ));
+    for ((sender, dst), receiver) in senders.into_iter().zip(receivers) {
+        let st = Arc::new(PairStats {
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        });
+        stats.push(st.clone());
+        let window = Arc::new(Semaphore::new(opts.window.unwrap_or(0)));
+        tasks.spawn(send_loop(
+            sender,
+            dst,
+            opts.size,
+            opts.window,
+            opts.rate,
+            window.clone(),
+            st.clone(),
+            (measure_from, measure_to),
+        ));
+        tasks.spawn(recv_loop(
+            receiver,
+            window,
+            st,
+            hists.clone(),
+            (measure_from, measure_to),
+            stop.clone(),
+        ));
+    }
+    tokio::time::sleep(warmup).await;
+    let cpu_start = opts.server_pid.and_then(proc_usage);
+    let t0 = Instant::now();
+    tokio::time::sleep(opts.duration).await;
+    let cpu_end = opts.server_pid.and_then(proc_usage);
+    let elapsed = t0.elapsed().as_secs_f64();
+    // Let packets in flight arrive, then stop the receivers.
+    let drain_until = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (s, r) = totals(&stats);
+        if s == r || Instant::now() > drain_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    drop(idle);
+
+    let (sent, received) = totals(&stats);
+    report.seconds = elapsed;
+    report.sent = sent;
+    report.received = received;
+    report.lost = sent.saturating_sub(received);
+    report.packets_per_sec = received as f64 / elapsed;
+    report.gbit_per_sec = report.packets_per_sec * opts.size as f64 * 8.0 / 1e9;
+    let h = hists.lock();
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    report.latency_us = Percentiles {
+        p50: us(0.5),
+        p90: us(0.9),
+        p99: us(0.99),
+        p999: us(0.999),
+        max: h.max() as f64 / 1000.0,
+    };
+    if let (Some((c0, _)), Some((c1, rss))) = (cpu_start, cpu_end) {
+        let cpu = c1 - c0;
+        report.server_cpu_cores = Some(cpu / elapsed);
+        if received > 0 {
+            report.server_cpu_us_per_packet = Some(cpu * 1e6 / received as f64);
+        }
+        report.server_rss_kib = Some(rss);
+    }
+    Ok(report)
+}
+
+fn totals(stats: &[Arc<PairStats>]) -> (u64, u64) {
+    stats.iter().fold((0, 0), |(s, r), p| {
+        (
+            s + p.sent.load(Ordering::Relaxed),
+            r + p.received.load(Ordering::Relaxed),
+        )
+    })
+}
+
+/// Connects `n` idle clients; returns them and (count, seconds) taken.
+async fn connect_idle(
+    url: &str,
+    n: usize,
+    insecure: bool,
+) -> Result<(Vec<DynClient>, Option<(usize, f64)>), String> {
+    if n == 0 {
+        return Ok((Vec::new(), None));
+    }
+    let t0 = Instant::now();
+    let mut clients = Vec::with_capacity(n);
+    let mut set = tokio::task::JoinSet::new();
+    let parallel = 64;
+    let mut started = 0;
+    while clients.len() < n {
+        while started < n && set.len() < parallel {
+            let url = url.to_owned();
+            set.spawn(async move { dial(&url, &NodePrivate::generate(), insecure).await });
+            started += 1;
+        }
+        match set.join_next().await {
+            Some(Ok(Ok(c))) => clients.push(c),
+            Some(Ok(Err(e))) => return Err(format!("idle client: {e}")),
+            Some(Err(e)) => return Err(format!("idle client task: {e}")),
+            None => break,
+        }
+    }
+    Ok((clients, Some((n, t0.elapsed().as_secs_f64()))))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_loop(
+    mut c: DynClient,
+    dst: NodePublic,
+    size: usize,
+    window: Option<usize>,
+    rate: Option<u64>,
+    permits: Arc<Semaphore>,
+    st: Arc<PairStats>,
+    (from, to): (u64, u64),
+) {
+    let mut seq = 0u64;
+    let mut stamp = |buf: &mut [u8]| {
+        let now = clock();
+        buf[..8].copy_from_slice(&seq.to_be_bytes());
+        buf[8..16].copy_from_slice(&now.to_be_bytes());
+        seq += 1;
+        now
+    };
+    let mut next = Instant::now();
+    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
+    loop {
+        let mut n = 1usize;
+        if window.is_some() {
+            let Ok(p) = permits.acquire().await else {
+                return;
+            };
+            p.forget();
+            while n < 64 {
+                match permits.try_acquire() {
+                    Ok(p) => {
+                        p.forget();
+                        n += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+        } else if let Some(iv) = interval {
+            next += iv;
+            tokio::time::sleep_until(next.into()).await;
+        }
+        let mut measured = 0;
+        let mut past_end = false;
+        for _ in 0..n {
+            let mut t = 0;
+            c.queue_packet_with(dst, size, |b| t = stamp(b));
+            if t >= from && t < to {
+                measured += 1;
+            }
+            past_end |= t >= to;
+        }
+        st.sent.fetch_add(measured, Ordering::Relaxed);
+        if c.flush().await.is_err() {
+            return;
+        }
+        if past_end {
+            return;
+        }
+    }
+}
+
+async fn recv_loop(
+    mut c: DynClient,
+    permits: Arc<Semaphore>,
+    st: Arc<PairStats>,
+    hist: Arc<parking_lot::Mutex<Histogram<u64>>>,
+    (from, to): (u64, u64),
+    stop: Arc<AtomicBool>,
+) {
+    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    let mut last_merge = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let frame = match c.recv().await {
+            Ok(f) => f,
+            Err(_) => break,
+        };
+        let Frame::RecvPacket { payload, .. } = frame else {
+            continue;
+        };
+        permits.add_permits(1);
+        if payload.len() < STAMP_LEN {
+            continue;
+        }
+        let sent_at = u64::from_be_bytes(payload[8..16].try_into().expect("8 bytes"));
+        if sent_at >= from && sent_at < to {
+            st.received.fetch_add(1, Ordering::Relaxed);
+            let _ = local.record(clock().saturating_sub(sent_at).max(1));
+        }
+        if last_merge.elapsed() > Duration::from_millis(200) {
+            hist.lock().add(&local).expect("same bounds");
+            local.reset();
+            last_merge = Instant::now();
+        }
+    }
+    hist.lock().add(&local).expect("same bounds");
+}
+
+impl BenchReport {
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let opt =
+            |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.2}{unit}"));
+        s += &format!(
+            "pairs {} · size {} B · {} · {:.1} s\n",
+            self.pairs, self.size, self.mode, self.seconds
+        );
+        s += &format!(
+            "  sent       {:>12}\n  received   {:>12}\n  lost       {:>12}\n",
+            self.sent, self.received, self.lost
+        );
+        s += &format!(
+            "  packets/s  {:>12.0}\n  Gbit/s     {:>12.3}\n",
+            self.packets_per_sec, self.gbit_per_sec
+        );
+        let l = &self.latency_us;
+        s += &format!(
+            "  latency µs p50 {:.1} · p90 {:.1} · p99 {:.1} · p99.9 {:.1} · max {:.1}\n",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        s += &format!(
+            "  server CPU {} per packet · {} cores · RSS {} KiB\n",
+            opt(self.server_cpu_us_per_packet, " µs"),
+            opt(self.server_cpu_cores, ""),
+            self.server_rss_kib.map_or("-".into(), |v| v.to_string())
+        );
+        if self.idle_clients > 0 {
+            s += &format!(
+                "  idle clients {} · handshakes/s {} · server bytes per idle client {}\n",
+                self.idle_clients,
+                opt(self.handshakes_per_sec, ""),
+                opt(self.server_bytes_per_idle_client, "")
+            );
+        }
+        s
+    }
+}
