@@ -114,28 +114,38 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let front = front.clone();
         let tls = tls.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let result = match tls {
-                None => super::serve_stream(stream, remote, front).await,
-                Some(acceptor) => match timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => super::serve_stream(tls_stream, remote, front).await,
-                    Ok(Err(e)) => {
-                        metrics.tls_handshake_errors.inc();
-                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                        Ok(())
-                    }
-                    Err(_) => {
-                        metrics.tls_handshake_errors.inc();
-                        Ok(())
-                    }
-                },
-            };
-            if let Err(e) = result {
-                tracing::debug!(%remote, error = %e, "connection ended with error");
+        // One task per connection, of the exact future its transport needs
+        // (an idle client's memory is mostly this task).
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    log_end(remote, super::serve_stream(stream, remote, front).await);
+                });
             }
-        });
+            Some(acceptor) => {
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            log_end(remote, super::serve_stream(tls_stream, remote, front).await)
+                        }
+                        Ok(Err(e)) => {
+                            metrics.tls_handshake_errors.inc();
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => metrics.tls_handshake_errors.inc(),
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn log_end(remote: std::net::SocketAddr, result: std::io::Result<()>) {
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "connection ended with error");
     }
 }
 

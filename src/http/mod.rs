@@ -91,7 +91,7 @@ pub fn upgrade_response_head(key: &NodePublic) -> Bytes {
 /// owned read and write halves for the relay.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Read half.
-    type Reader: AsyncRead + Unpin + Send + 'static;
+    type Reader: crate::relay::reader::ReadHalf;
     /// Write half.
     type Writer: AsyncWrite + Unpin + Send + 'static;
     /// Splits the stream.
@@ -160,9 +160,9 @@ pub async fn serve_stream<S: Transport>(
     }
     // DERP over WebSocket (issue 3): handshake answered on the socket.
     if head.path == "/derp" && head.is_websocket_derp() && front.websocket {
-        return websocket::serve_first_request(stream, buf, remote, front).await;
+        return Box::pin(websocket::serve_first_request(stream, buf, remote, front)).await;
     }
-    serve_hyper(Prefixed::new(buf, stream), remote, front).await
+    Box::pin(serve_hyper(Prefixed::new(buf, stream), remote, front)).await
 }
 
 /// Serves a connection with hyper (HTTP/1.1, keep-alive, upgrades).

@@ -241,7 +241,7 @@ impl Relay {
         remote: SocketAddr,
         opts: AcceptOptions,
     ) where
-        R: AsyncRead + Unpin + Send + 'static,
+        R: reader::ReadHalf,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let shared = &self.shared;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::conn::ClientConn;
@@ -20,6 +21,38 @@ use crate::proto::{Frame, FrameDecoder, FrameError, NodePublic, PeerGoneReason, 
 
 /// Bytes requested from the socket per read when the buffer runs low.
 pub const READ_CHUNK: usize = 64 << 10;
+/// Buffer allocated when an idle connection becomes readable.
+pub const WAKE_CHUNK: usize = 16 << 10;
+
+/// The read half of a client connection.
+pub trait ReadHalf: AsyncRead + Unpin + Send + 'static {
+    /// Resolves when a read would make progress, without needing a buffer.
+    /// Transports that cannot tell resolve at once.
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+
+    /// Read buffer size while busy. Transports that cannot wait for
+    /// readability keep their buffer while idle, so they use a smaller one.
+    fn read_chunk(&self) -> usize {
+        READ_CHUNK
+    }
+}
+
+impl ReadHalf for tokio::net::tcp::OwnedReadHalf {
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+impl<T: AsyncRead + Send + 'static> ReadHalf for tokio::io::ReadHalf<T> {
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    fn read_chunk(&self) -> usize {
+        // TLS and WebSocket hand over at most a record or message at a time.
+        WAKE_CHUNK
+    }
+}
 
 /// Why a reader stopped.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +115,7 @@ impl Reader {
 
     /// Reads and handles frames until the connection ends. `buf` holds any
     /// bytes already read past the handshake.
-    pub async fn run<R: AsyncRead + Unpin>(&mut self, r: &mut R, mut buf: BytesMut) -> ReaderEnd {
+    pub async fn run<R: ReadHalf>(&mut self, r: &mut R, mut buf: BytesMut) -> ReaderEnd {
         let cancel = self.conn.cancel.clone();
         let idle = self.shared.config.idle_timeout;
         let mut limiter: Option<TokenBucket> = None;
@@ -111,8 +144,38 @@ impl Reader {
                     }
                 }
             }
+            if buf.is_empty() {
+                // Between bursts: an idle connection holds no read buffer.
+                if r.wait_readable().now_or_never().is_none() {
+                    buf = BytesMut::new();
+                    let ready = async {
+                        match idle {
+                            Some(d) => tokio::time::timeout(d, r.wait_readable())
+                                .await
+                                .unwrap_or(Err(std::io::ErrorKind::TimedOut.into())),
+                            None => r.wait_readable().await,
+                        }
+                    };
+                    let ready = tokio::select! {
+                        r = ready => r,
+                        _ = cancel.cancelled() => return ReaderEnd::Closed,
+                    };
+                    match ready {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut && idle.is_some() => {
+                            return ReaderEnd::Idle
+                        }
+                        Err(e) => return ReaderEnd::Io(e),
+                    }
+                }
+            }
             if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(READ_CHUNK);
+                // Waking from idle, start smaller: most wake-ups carry little.
+                buf.reserve(if buf.capacity() == 0 {
+                    WAKE_CHUNK
+                } else {
+                    r.read_chunk()
+                });
             }
             let read = async {
                 match idle {
