@@ -43,6 +43,9 @@ pub struct BenchOptions {
     /// Extra idle clients to hold connected during the run.
     #[arg(long, default_value_t = 0)]
     pub idle: usize,
+    /// Idle clients connecting at once.
+    #[arg(long, default_value_t = 64)]
+    pub idle_parallel: usize,
     /// Use TLS (the URL should be https://).
     #[arg(long)]
     pub tls: bool,
@@ -184,7 +187,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
 
     // Idle clients first: handshake rate and memory per idle client.
     let rss_before_idle = opts.server_pid.and_then(proc_usage).map(|u| u.1);
-    let idle = connect_idle(&url, opts.idle, insecure).await?;
+    let idle = connect_idle(&url, opts.idle, opts.idle_parallel.max(1), insecure).await?;
     if let Some((n, secs)) = idle.1 {
         report.handshakes_per_sec = Some(n as f64 / secs);
     }
@@ -218,7 +221,19 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     let hists = Arc::new(parking_lot::Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
     ));
-    for ((sender, dst), receiver) in senders.into_iter().zip(receivers) {
+    // Open loop: one pacing thread with a fine-grained clock spreads the
+    // pairs' sends evenly (tokio's timer has 1 ms granularity, which would
+    // fire every pair in the same millisecond and measure self-made bursts).
+    let paces: Vec<Arc<tokio::sync::Notify>> = (0..opts.pairs)
+        .map(|_| Arc::new(tokio::sync::Notify::new()))
+        .collect();
+    if let Some(rate) = opts.rate {
+        let paces = paces.clone();
+        let stop = stop.clone();
+        let end = Instant::now() + warmup + opts.duration + Duration::from_millis(50);
+        std::thread::spawn(move || pace_loop(&paces, rate, end, &stop));
+    }
+    for (i, ((sender, dst), receiver)) in senders.into_iter().zip(receivers).enumerate() {
         let st = Arc::new(PairStats {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -230,7 +245,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             dst,
             opts.size,
             opts.window,
-            opts.rate,
+            opts.rate.map(|_| paces[i].clone()),
             window.clone(),
             st.clone(),
             (measure_from, measure_to),
@@ -291,6 +306,23 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     Ok(report)
 }
 
+/// Wakes pair `i`'s sender at `rate` per second, pairs evenly staggered.
+fn pace_loop(paces: &[Arc<tokio::sync::Notify>], rate: u64, end: Instant, stop: &AtomicBool) {
+    let pairs = paces.len() as u64;
+    let gap = Duration::from_nanos(1_000_000_000 / (rate.max(1) * pairs));
+    let mut next = Instant::now();
+    let mut i = 0usize;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        paces[i].notify_one();
+        i = (i + 1) % paces.len();
+        next += gap;
+    }
+}
+
 fn totals(stats: &[Arc<PairStats>]) -> (u64, u64) {
     stats.iter().fold((0, 0), |(s, r), p| {
         (
@@ -304,6 +336,7 @@ fn totals(stats: &[Arc<PairStats>]) -> (u64, u64) {
 async fn connect_idle(
     url: &str,
     n: usize,
+    parallel: usize,
     insecure: bool,
 ) -> Result<(Vec<DynClient>, Option<(usize, f64)>), String> {
     if n == 0 {
@@ -312,7 +345,6 @@ async fn connect_idle(
     let t0 = Instant::now();
     let mut clients = Vec::with_capacity(n);
     let mut set = tokio::task::JoinSet::new();
-    let parallel = 64;
     let mut started = 0;
     while clients.len() < n {
         while started < n && set.len() < parallel {
@@ -336,7 +368,7 @@ async fn send_loop(
     dst: NodePublic,
     size: usize,
     window: Option<usize>,
-    rate: Option<u64>,
+    pace: Option<Arc<tokio::sync::Notify>>,
     permits: Arc<Semaphore>,
     st: Arc<PairStats>,
     (from, to): (u64, u64),
@@ -349,8 +381,6 @@ async fn send_loop(
         seq += 1;
         now
     };
-    let mut next = Instant::now();
-    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1) as f64));
     loop {
         let mut n = 1usize;
         if window.is_some() {
@@ -367,9 +397,8 @@ async fn send_loop(
                     Err(_) => break,
                 }
             }
-        } else if let Some(iv) = interval {
-            next += iv;
-            tokio::time::sleep_until(next.into()).await;
+        } else if let Some(tick) = &pace {
+            tick.notified().await;
         }
         let mut measured = 0;
         let mut past_end = false;

@@ -101,6 +101,16 @@ pub struct Settings {
     /// File holding the region's mesh pre-shared key (64 hex digits).
     #[arg(long)]
     pub mesh_psk_file: Option<PathBuf>,
+    /// Mesh peers, comma-separated: `host` (dials https://host/derp),
+    /// `host/dialhost`, or `http://ip:port` for plain-HTTP labs. The same
+    /// list works on every member: a relay skips itself. Needs
+    /// --mesh-psk-file.
+    #[arg(long)]
+    pub mesh_with: Option<String>,
+    /// PEM file of CA certificates trusted for mesh peers (in addition to
+    /// the webpki roots).
+    #[arg(long)]
+    pub mesh_ca_file: Option<PathBuf>,
     /// Write deadline for regular clients; 0 disables. Default 2s.
     #[arg(long)]
     pub tcp_write_timeout: Option<String>,
@@ -150,6 +160,55 @@ pub struct Settings {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// headscale companion: base URL of headscale to sync nodes from
+    /// (`GET /api/v1/node`).
+    #[arg(long)]
+    pub headscale_url: Option<String>,
+    /// File holding a headscale API key (`headscale apikeys create > FILE`;
+    /// surrounding whitespace is ignored). Re-read on every sync.
+    #[arg(long)]
+    pub headscale_api_key_file: Option<PathBuf>,
+    /// How often to poll headscale; failures back off (with jitter) up to
+    /// 60s. Default 10s.
+    #[arg(long)]
+    pub headscale_poll_interval: Option<String>,
+    /// Timeout of one request to headscale or a peer relay. Default 5s.
+    #[arg(long)]
+    pub headscale_timeout: Option<String>,
+    /// Base URLs of peer relays (comma-separated) whose node snapshot is
+    /// fetched, with the mesh key, when headscale is unreachable.
+    #[arg(long, value_delimiter = ',')]
+    pub companion_peers: Option<Vec<String>>,
+    /// `headscale`: admit only clients whose key is in the headscale cache
+    /// (derper's boolean form, asking a local tailscaled, is not supported;
+    /// `false` disables).
+    #[arg(long)]
+    pub verify_clients: Option<String>,
+    /// With `verify-clients headscale`: admit only nodes of these headscale
+    /// users (comma-separated) or carrying one of `allow-tags`.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_users: Option<Vec<String>>,
+    /// With `verify-clients headscale`: admit only nodes with one of these
+    /// tags (comma-separated) or owned by one of `allow-users`.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_tags: Option<Vec<String>>,
+    /// Admission before any snapshot was ever loaded. Default deny.
+    #[arg(long, value_enum)]
+    pub admission_when_empty: Option<crate::companion::admission::WhenEmpty>,
+    /// Tailscale's admission URL: POST `{"NodePublic":…,"Source":…}`, admit
+    /// on 200 `{"Allow":true}`.
+    #[arg(long)]
+    pub verify_client_url: Option<String>,
+    /// Admit when the verify URL is unreachable. Default true (as derper).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub verify_client_url_fail_open: Option<bool>,
+    /// Cache verify-URL answers this long; 0 (the default) disables.
+    #[arg(long)]
+    pub verify_client_url_cache: Option<String>,
+    /// DERP map regions file (JSON, or TOML if it ends in .toml) served at
+    /// `/derpmap.json`.
+    #[arg(long)]
+    pub derp_map_file: Option<PathBuf>,
 }
 
 /// A configuration problem, naming the key.
@@ -262,6 +321,10 @@ pub struct ServerConfig {
     pub shutdown: ShutdownSettings,
     /// derper-style rate config file, re-read on SIGHUP.
     pub rate_config: Option<PathBuf>,
+    /// Mesh peers to dial.
+    pub mesh: crate::mesh::MeshSettings,
+    /// The headscale companion (`None`: no companion flag set).
+    pub companion: Option<crate::companion::CompanionConfig>,
 }
 
 impl ServerConfig {
@@ -280,6 +343,8 @@ impl ServerConfig {
             limits: Limits::default(),
             shutdown: ShutdownSettings::default(),
             rate_config: None,
+            mesh: crate::mesh::MeshSettings::default(),
+            companion: None,
         }
     }
 }
@@ -327,7 +392,7 @@ pub fn load_rate_config(path: &Path) -> Result<ClientRateLimit, ConfigError> {
     Ok(ClientRateLimit::new(f.rate, f.burst))
 }
 
-fn default_state_dir() -> PathBuf {
+pub(crate) fn default_state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
         return PathBuf::from(d);
     }
@@ -382,6 +447,8 @@ impl Settings {
             metrics_addr,
             websocket,
             mesh_psk_file,
+            mesh_with,
+            mesh_ca_file,
             tcp_write_timeout,
             handshake_timeout,
             idle_timeout,
@@ -396,6 +463,19 @@ impl Settings {
             restart_reconnect_in,
             restart_try_for,
             log_format,
+            headscale_url,
+            headscale_api_key_file,
+            headscale_poll_interval,
+            headscale_timeout,
+            companion_peers,
+            verify_clients,
+            allow_users,
+            allow_tags,
+            admission_when_empty,
+            verify_client_url,
+            verify_client_url_fail_open,
+            verify_client_url_cache,
+            derp_map_file,
         );
         Ok(self)
     }
@@ -540,6 +620,8 @@ impl Settings {
             },
             shutdown,
             rate_config: self.rate_config.clone(),
+            mesh: crate::mesh::MeshSettings::resolve(self)?,
+            companion: crate::companion::settings::resolve(self)?,
         })
     }
 }

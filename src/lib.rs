@@ -7,9 +7,11 @@
 
 pub mod bench;
 pub mod client;
+pub mod companion;
 pub mod config;
 pub mod http;
 pub mod keyfile;
+pub mod mesh;
 pub mod metrics;
 pub mod proto;
 pub mod relay;

@@ -33,6 +33,16 @@ enum Command {
         /// Relay URL, e.g. http://127.0.0.1:3340
         url: String,
     },
+    /// (tests) Write companion snapshots in a loop until killed.
+    #[command(hide = true)]
+    CompanionStoreTorture {
+        /// Where the snapshot database lives.
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+        /// Nodes per snapshot.
+        #[arg(long, default_value_t = 500)]
+        nodes: usize,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -143,6 +153,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Probe { url } => rt.block_on(probe(&url)),
+        Command::CompanionStoreTorture { state_dir, nodes } => {
+            derpd::companion::store::torture(&state_dir, nodes)
+        }
         Command::Bench(opts) => rt.block_on(async {
             let report = derpd::bench::run(&opts).await?;
             if opts.json {

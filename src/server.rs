@@ -39,6 +39,8 @@ pub struct Server {
     pub stun_stats: Arc<StunStats>,
     /// TLS state, when the main listener is TLS.
     pub tls: Option<Arc<TlsManager>>,
+    /// The headscale companion, when configured.
+    pub companion: Option<Arc<crate::companion::Companion>>,
     shutdown_settings: ShutdownSettings,
     /// Stops the listeners (new connections).
     stop_accepting: CancellationToken,
@@ -63,6 +65,12 @@ pub enum StartError {
     /// TLS could not be set up.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The headscale companion could not start.
+    #[error("{0}")]
+    Companion(#[from] crate::companion::CompanionError),
+    /// The mesh could not be set up.
+    #[error("mesh: {0}")]
+    Mesh(String),
 }
 
 impl Server {
@@ -73,10 +81,26 @@ impl Server {
         mesh_key: Option<MeshKey>,
     ) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let companion = match &config.companion {
+            // Loads the newest snapshot before any client is accepted.
+            Some(c) => Some(crate::companion::Companion::start(
+                c.clone(),
+                mesh_key.clone(),
+                &metrics.registry,
+            )?),
+            None => None,
+        };
         let relay = Relay::new(key, mesh_key, config.relay.clone(), metrics.clone());
+        if let Some(c) = &companion {
+            relay.set_admission(c.admission());
+            relay.set_companion(c.clone());
+        }
         let stop_accepting = CancellationToken::new();
         let stop_all = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        if let Some(c) = &companion {
+            tasks.spawn(c.clone().run(stop_all.clone()));
+        }
         let bind = |what, addr| move |source| StartError::Bind { what, addr, source };
 
         let tls = match &config.tls {
@@ -144,7 +168,20 @@ impl Server {
         if let Some(a) = config.metrics_addr {
             let l = TcpListener::bind(a).await.map_err(bind("metrics", a))?;
             metrics_addr = Some(l.local_addr().map_err(bind("metrics", a))?);
-            tasks.spawn(serve_metrics(l, metrics, stop_all.clone()));
+            tasks.spawn(serve_metrics(l, metrics, relay.clone(), stop_all.clone()));
+        }
+
+        if !config.mesh.peers.is_empty() {
+            let opts = crate::mesh::MeshOptions {
+                hostname: config.hostname.clone(),
+                port: addr.port(),
+                ca_file: config.mesh.ca_file.clone(),
+                ..Default::default()
+            };
+            relay
+                .mesh()
+                .set_peers(&config.mesh.peers, &opts)
+                .map_err(StartError::Mesh)?;
         }
 
         tracing::info!(
@@ -164,6 +201,7 @@ impl Server {
             relay,
             stun_stats,
             tls,
+            companion,
             shutdown_settings: config.shutdown,
             stop_accepting,
             stop_all,
@@ -267,11 +305,25 @@ async fn serve_port80(listener: TcpListener, tls: Arc<TlsManager>, shutdown: Can
     .await
 }
 
-async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    relay: Relay,
+    shutdown: CancellationToken,
+) {
     serve_simple(listener, shutdown, move |req| {
         let metrics = metrics.clone();
+        let relay = relay.clone();
         async move {
-            let resp = if req.uri().path() == "/metrics" {
+            let resp = if req.uri().path() == "/debug/mesh" {
+                let body = serde_json::to_vec_pretty(&relay.mesh().status()).expect("JSON");
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                r
+            } else if req.uri().path() == "/metrics" {
                 let mut r = Response::new(Full::new(Bytes::from(metrics.render())));
                 r.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,

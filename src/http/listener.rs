@@ -127,10 +127,14 @@ pub async fn accept_loop(
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    match timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            log_end(remote, super::serve_stream(tls_stream, remote, front).await)
-                        }
+                    // The handshake state is transient: boxed, it is freed
+                    // after the handshake instead of sizing the task.
+                    let accept = Box::pin(acceptor.accept(stream));
+                    match timeout(handshake_timeout, accept).await {
+                        Ok(Ok(tls_stream)) => log_end(
+                            remote,
+                            super::serve_stream(Box::new(tls_stream), remote, front).await,
+                        ),
                         Ok(Err(e)) => {
                             metrics.tls_handshake_errors.inc();
                             tracing::debug!(%remote, error = %e, "TLS handshake failed");

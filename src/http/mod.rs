@@ -107,7 +107,7 @@ impl Transport for TcpStream {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport
-    for tokio_rustls::server::TlsStream<S>
+    for Box<tokio_rustls::server::TlsStream<S>>
 {
     type Reader = tokio::io::ReadHalf<Self>;
     type Writer = tokio::io::WriteHalf<Self>;

@@ -47,6 +47,10 @@ fn route_label(path: &str) -> &'static str {
         "/generate_204" => "generate_204",
         "/robots.txt" => "robots",
         "/" => "home",
+        "/healthz" | "/readyz" => "health",
+        "/verify" => "verify",
+        "/derpmap.json" => "derpmap",
+        crate::companion::replicate::PATH => "snapshot",
         _ => "other",
     }
 }
@@ -69,6 +73,9 @@ pub async fn handle(
 }
 
 async fn route(front: &Front, remote: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    if crate::companion::http::handles(req.uri().path()) {
+        return crate::companion::http::serve(front.relay.companion(), req).await;
+    }
     let is_get_or_head = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
         "/derp" => derp_upgrade(front, remote, &mut req),

@@ -82,14 +82,20 @@ pub struct Shared {
     /// The relay's public node key.
     pub public_key: NodePublic,
     mesh_key: Option<MeshKey>,
-    /// Connected clients.
+    /// Connected clients (and keys known through the mesh).
     pub registry: Registry,
+    /// This relay's links to its mesh peers.
+    pub mesh: crate::mesh::Mesh,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled when the relay shuts down.
     pub shutdown: CancellationToken,
     client_rate: parking_lot::RwLock<ClientRateLimit>,
     client_rate_generation: std::sync::atomic::AtomicU64,
+    /// Admission check for new non-mesh clients (headscale companion).
+    admission: parking_lot::RwLock<Option<Arc<dyn crate::companion::admission::Admission>>>,
+    /// The headscale companion, when configured (its HTTP endpoints).
+    companion: std::sync::OnceLock<Arc<crate::companion::Companion>>,
 }
 
 impl Shared {
@@ -166,16 +172,20 @@ impl Relay {
         metrics: Arc<Metrics>,
     ) -> Relay {
         let public_key = private_key.public();
+        let mesh = crate::mesh::Mesh::new(private_key.clone(), mesh_key.clone());
         Relay {
             shared: Arc::new(Shared {
                 private_key,
                 public_key,
                 mesh_key,
                 registry: Registry::new(metrics.clone()),
+                mesh,
                 metrics,
                 shutdown: CancellationToken::new(),
                 client_rate: parking_lot::RwLock::new(config.client_rate),
                 client_rate_generation: std::sync::atomic::AtomicU64::new(0),
+                admission: parking_lot::RwLock::new(None),
+                companion: std::sync::OnceLock::new(),
                 config,
             }),
         }
@@ -194,6 +204,30 @@ impl Relay {
     /// Metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// The relay's mesh links: set peers, read status.
+    pub fn mesh(&self) -> crate::mesh::MeshHandle {
+        crate::mesh::MeshHandle::new(self.shared.clone())
+    }
+
+    /// Sets (or clears) the admission check applied to every new non-mesh
+    /// client after its ClientInfo opens.
+    pub fn set_admission(
+        &self,
+        admission: Option<Arc<dyn crate::companion::admission::Admission>>,
+    ) {
+        *self.shared.admission.write() = admission;
+    }
+
+    /// Attaches the headscale companion (serves its HTTP endpoints); once.
+    pub fn set_companion(&self, companion: Arc<crate::companion::Companion>) {
+        let _ = self.shared.companion.set(companion);
+    }
+
+    /// The headscale companion, if attached.
+    pub fn companion(&self) -> Option<&Arc<crate::companion::Companion>> {
+        self.shared.companion.get()
     }
 
     /// Replaces the per-client rate limit; applies to existing connections.
@@ -264,6 +298,17 @@ impl Relay {
             (Some(ours), Some(theirs)) => ours.matches(theirs),
             _ => false,
         };
+        // Admission (issue 6): mesh-key clients skip it; a refused client is
+        // closed silently (the decision is counted by the check).
+        let admission = (!can_mesh)
+            .then(|| shared.admission.read().clone())
+            .flatten();
+        if let Some(admission) = admission {
+            if !admission.admit(client_key, remote).await {
+                tracing::debug!(%remote, key = %client_key, "client refused by admission");
+                return;
+            }
+        }
         let (rate, _) = shared.client_rate();
         let advertised = if can_mesh || !rate.is_enabled() {
             ServerInfo::current(0, 0)

@@ -23,12 +23,24 @@ use crate::proto::{Frame, FrameDecoder, FrameError, NodePublic, PeerGoneReason, 
 pub const READ_CHUNK: usize = 64 << 10;
 /// Buffer allocated when an idle connection becomes readable.
 pub const WAKE_CHUNK: usize = 16 << 10;
+/// Read buffer of transports that cannot wait for readability.
+pub const SMALL_CHUNK: usize = 4 << 10;
+/// A read shorter than this marks a quiet connection…
+const QUIET_READ: usize = 512;
+/// …which waits with a buffer of this size.
+const QUIET_CHUNK: usize = 512;
 
 /// The read half of a client connection.
 pub trait ReadHalf: AsyncRead + Unpin + Send + 'static {
     /// Resolves when a read would make progress, without needing a buffer.
     /// Transports that cannot tell resolve at once.
     fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+
+    /// Whether [`ReadHalf::wait_readable`] really waits (so the reader can
+    /// drop its buffer while idle).
+    fn can_wait_readable(&self) -> bool {
+        true
+    }
 
     /// Read buffer size while busy. Transports that cannot wait for
     /// readability keep their buffer while idle, so they use a smaller one.
@@ -48,9 +60,15 @@ impl<T: AsyncRead + Send + 'static> ReadHalf for tokio::io::ReadHalf<T> {
         std::future::ready(Ok(()))
     }
 
+    fn can_wait_readable(&self) -> bool {
+        false
+    }
+
     fn read_chunk(&self) -> usize {
-        // TLS and WebSocket hand over at most a record or message at a time.
-        WAKE_CHUNK
+        // TLS decrypts from 4 KiB socket reads, WebSocket hands over a
+        // message at a time; a small buffer loses nothing and, since these
+        // transports keep it while idle, keeps idle clients cheap.
+        SMALL_CHUNK
     }
 }
 
@@ -85,6 +103,8 @@ pub struct Reader {
     /// Where this connection's packets went (for PeerGone when it leaves).
     pub sent_to: SentTo,
     last_dst: Option<(NodePublic, u64)>,
+    /// Last (src, dst, dst connection) of a ForwardPacket from a mesh peer.
+    last_fwd: Option<(NodePublic, NodePublic, u64)>,
     /// PeerGone(NotHere) replies: burst 3, one per second.
     not_here: TokenBucket,
     connected_at: Instant,
@@ -108,6 +128,7 @@ impl Reader {
             decoder,
             sent_to: SentTo::new(),
             last_dst: None,
+            last_fwd: None,
             not_here: TokenBucket::new(1.0, 3.0),
             connected_at: Instant::now(),
         }
@@ -120,6 +141,7 @@ impl Reader {
         let idle = self.shared.config.idle_timeout;
         let mut limiter: Option<TokenBucket> = None;
         let mut rate_generation = u64::MAX;
+        let mut last_read = 0usize;
         loop {
             if let Err(e) = self.drain(&mut buf) {
                 return e;
@@ -144,7 +166,15 @@ impl Reader {
                     }
                 }
             }
-            if buf.is_empty() {
+            let mut quiet = false;
+            if buf.is_empty() && !r.can_wait_readable() {
+                // This transport must hold a buffer while it waits: after a
+                // small read (a quiet connection) make it a small one.
+                quiet = last_read < QUIET_READ;
+                if quiet && buf.capacity() > QUIET_CHUNK {
+                    buf = BytesMut::with_capacity(QUIET_CHUNK);
+                }
+            } else if buf.is_empty() {
                 // Between bursts: an idle connection holds no read buffer.
                 if r.wait_readable().now_or_never().is_none() {
                     buf = BytesMut::new();
@@ -169,10 +199,10 @@ impl Reader {
                     }
                 }
             }
-            if buf.capacity() - buf.len() < 4096 {
+            if buf.capacity() - buf.len() < if quiet { 1 } else { 2048 } {
                 // Waking from idle, start smaller: most wake-ups carry little.
                 buf.reserve(if buf.capacity() == 0 {
-                    WAKE_CHUNK
+                    WAKE_CHUNK.min(r.read_chunk())
                 } else {
                     r.read_chunk()
                 });
@@ -192,6 +222,7 @@ impl Reader {
             match n {
                 Ok(0) => return ReaderEnd::Eof,
                 Ok(n) => {
+                    last_read = n;
                     if let Some(l) = limiter.as_mut() {
                         l.take(n as f64);
                     }
@@ -252,7 +283,14 @@ impl Reader {
                 self.shared.metrics.packets_forwarded_in.inc();
                 let disco = looks_like_disco(&payload);
                 match self.shared.registry.lookup(&dst) {
-                    Some(d) => self.shared.enqueue(&d, src, payload, disco),
+                    Some(d) => {
+                        // For PeerGone(src) to `d` when src leaves the region.
+                        if self.last_fwd != Some((src, dst, d.id)) {
+                            self.last_fwd = Some((src, dst, d.id));
+                            self.shared.registry.remote.note_receiver(src, dst, d.id);
+                        }
+                        self.shared.enqueue(&d, src, payload, disco)
+                    }
                     None => self
                         .shared
                         .metrics
@@ -295,6 +333,11 @@ impl Reader {
                 shared.enqueue(&d, self.conn.key, payload, disco);
             }
             None => {
+                // Not local: a mesh peer may have it (queued, never blocks).
+                let Err(payload) = shared.registry.remote.forward(self.conn.key, dst, payload)
+                else {
+                    return;
+                };
                 shared
                     .metrics
                     .dropped(DropReason::UnknownDest, disco)

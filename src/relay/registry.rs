@@ -1,5 +1,6 @@
 //! Who is connected: node keys → connections, duplicate-connection policy,
-//! and mesh watchers.
+//! mesh watchers, and (in [`crate::mesh::RemoteTable`]) keys connected to
+//! mesh peers.
 //!
 //! Packet routing only reads the sharded map (no global lock). Membership
 //! changes (connect, disconnect, a watcher subscribing) additionally take one
@@ -40,6 +41,8 @@ pub struct Registry {
     clients: DashMap<NodePublic, ClientSet>,
     watchers: Mutex<HashMap<ConnId, Arc<ClientConn>>>,
     metrics: Arc<Metrics>,
+    /// Keys connected to mesh peers, and how to forward to them.
+    pub remote: crate::mesh::RemoteTable,
 }
 
 impl Registry {
@@ -48,7 +51,30 @@ impl Registry {
         Registry {
             clients: DashMap::new(),
             watchers: Mutex::new(HashMap::new()),
+            remote: crate::mesh::RemoteTable::new(&metrics),
             metrics,
+        }
+    }
+
+    /// Runs `f` under the membership lock (the one connects, disconnects and
+    /// watcher subscriptions take), so mesh table changes see a consistent
+    /// set of local keys.
+    pub fn with_membership<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = self.watchers.lock();
+        f()
+    }
+
+    /// Queues PeerGone(`key`, Disconnected) to each listed connection that
+    /// is still connected.
+    pub fn send_peer_gone(&self, key: NodePublic, to: SentTo) {
+        let gone = Frame::PeerGone {
+            key,
+            reason: PeerGoneReason::Disconnected,
+        };
+        for (dst, id) in to {
+            if let Some(c) = self.conn(&dst, id) {
+                c.outbox.push_control(gone.clone());
+            }
         }
     }
 
@@ -177,6 +203,8 @@ impl Registry {
         }
         m.clients_local.set(self.clients.len() as i64);
         let Some(gone_to) = gone_to else { return };
+        // Still reachable through a mesh peer: receivers hear when it goes.
+        let gone_to = self.remote.local_key_left(conn.key, gone_to);
         let gone = Frame::PeerGone {
             key: conn.key,
             reason: PeerGoneReason::Disconnected,
@@ -185,11 +213,7 @@ impl Registry {
             w.outbox.push_control(gone.clone());
         }
         drop(watchers);
-        for (dst, id) in gone_to {
-            if let Some(c) = self.conn(&dst, id) {
-                c.outbox.push_control(gone.clone());
-            }
-        }
+        self.send_peer_gone(conn.key, gone_to);
     }
 
     /// Under the "last writer is active" policy, a duplicate that sends

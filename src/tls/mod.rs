@@ -396,6 +396,9 @@ impl TlsManager {
             .with_no_client_auth()
             .with_cert_resolver(cert.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // DERP connections live for hours and reconnect rarely: no TLS 1.3
+        // session tickets (each costs a ticket encryption and cache entry).
+        config.send_tls13_tickets = 0;
         Ok(TlsManager {
             mode: settings.mode,
             cert,

@@ -1,0 +1,293 @@
+//! Mesh peer addresses (`--mesh-with` entries) and dialing a peer: TCP,
+//! optional TLS, the HTTP upgrade to DERP, and the client handshake with
+//! the relay's own key and the mesh key.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::client::Stream;
+use crate::proto::handshake::{open_server_info, seal_client_info};
+use crate::proto::{ClientInfo, Frame, FrameDecoder, MeshKey, NodePrivate, NodePublic, Role};
+
+/// One `--mesh-with` entry.
+///
+/// Forms: `host` (dial `https://host/derp`), `host/dialhost` (TLS name and
+/// Host header `host`, TCP to `dialhost`), either with `:port`, and
+/// explicit `https://host[:port]` or `http://host[:port]` (plain HTTP, for
+/// development and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// The entry as written (used as the metrics label and in status).
+    pub name: String,
+    /// TLS (`https`) or plain HTTP.
+    pub tls: bool,
+    /// Name for the certificate check and the Host header.
+    pub host: String,
+    /// Port of the peer's DERP listener.
+    pub port: u16,
+    /// `host:port` to open the TCP connection to.
+    pub dial: String,
+}
+
+/// Splits `host[:port]`, `[v6][:port]` or a bare IPv6 address.
+fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
+    let bad = || format!("{s:?} is not host[:port]");
+    if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().map_err(|_| bad())?),
+            None if after.is_empty() => None,
+            None => return Err(bad()),
+        };
+        return Ok((h.to_owned(), port));
+    }
+    match s.matches(':').count() {
+        0 => Ok((s.to_owned(), None)),
+        1 => {
+            let (h, p) = s.split_once(':').expect("one colon");
+            Ok((h.to_owned(), Some(p.parse().map_err(|_| bad())?)))
+        }
+        _ => Ok((s.to_owned(), None)),
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl PeerSpec {
+    /// Parses one entry.
+    pub fn parse(entry: &str) -> Result<PeerSpec, String> {
+        let name = entry.trim();
+        let (tls, rest) = if let Some(r) = name.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = name.strip_prefix("http://") {
+            (false, r)
+        } else {
+            (true, name)
+        };
+        let rest = rest.trim_end_matches('/');
+        let rest = rest.strip_suffix("/derp").unwrap_or(rest);
+        let (hostpart, dialpart) = match rest.split_once('/') {
+            Some((h, d)) => (h, Some(d)),
+            None => (rest, None),
+        };
+        let (host, port) = split_host_port(hostpart)?;
+        if host.is_empty() {
+            return Err(format!("mesh peer {name:?} has no host"));
+        }
+        let port = port.unwrap_or(if tls { 443 } else { 80 });
+        let dial = match dialpart {
+            Some(d) if !d.is_empty() => {
+                let (dh, dp) = split_host_port(d)?;
+                join_host_port(&dh, dp.unwrap_or(port))
+            }
+            _ => join_host_port(&host, port),
+        };
+        Ok(PeerSpec {
+            name: name.to_owned(),
+            tls,
+            host,
+            port,
+            dial,
+        })
+    }
+
+    /// Parses a comma-separated list (empty entries ignored).
+    pub fn parse_list(list: &str) -> Result<Vec<PeerSpec>, String> {
+        list.split(',')
+            .filter(|e| !e.trim().is_empty())
+            .map(PeerSpec::parse)
+            .collect()
+    }
+
+    /// The URL this entry dials.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/derp", join_host_port(&self.host, self.port))
+    }
+}
+
+/// TLS settings for mesh links: webpki roots plus an optional CA file.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let certs =
+            crate::tls::certs_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// A handshaken DERP connection to a mesh peer.
+pub struct Dialed {
+    /// The byte stream.
+    pub stream: Box<dyn Stream>,
+    /// Bytes already read past the ServerInfo frame.
+    pub buf: BytesMut,
+    /// The peer relay's public key.
+    pub server_key: NodePublic,
+}
+
+/// Connects to `peer` and runs the client handshake as `key`, presenting
+/// `mesh_key`.
+pub async fn dial(
+    peer: &PeerSpec,
+    tls: &Arc<rustls::ClientConfig>,
+    key: &NodePrivate,
+    mesh_key: &MeshKey,
+) -> Result<Dialed, String> {
+    let tcp = TcpStream::connect(&peer.dial)
+        .await
+        .map_err(|e| format!("connect {}: {e}", peer.dial))?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let stream: Box<dyn Stream> = if peer.tls {
+        let name = rustls::pki_types::ServerName::try_from(peer.host.clone())
+            .map_err(|_| format!("{:?} is not a TLS server name", peer.host))?;
+        let tls = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {}: {e}", peer.host))?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let host = join_host_port(&peer.host, peer.port);
+    handshake(stream, &host, key, mesh_key).await
+}
+
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    dec: &mut FrameDecoder,
+) -> Result<Frame, String> {
+    loop {
+        if let Some(f) = dec.decode(buf).map_err(|e| e.to_string())? {
+            return Ok(f);
+        }
+        buf.reserve(4096);
+        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("peer closed during the DERP handshake".into());
+        }
+    }
+}
+
+async fn handshake(
+    mut stream: Box<dyn Stream>,
+    host: &str,
+    key: &NodePrivate,
+    mesh_key: &MeshKey,
+) -> Result<Dialed, String> {
+    let req = format!(
+        "GET /derp HTTP/1.1\r\nHost: {host}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nUser-Agent: derpd-mesh/{}\r\n\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    let io = |e: std::io::Error| e.to_string();
+    stream.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut buf = BytesMut::with_capacity(16 << 10);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 << 10 {
+            return Err("HTTP response head too large".into());
+        }
+        if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
+            return Err("peer closed during the HTTP upgrade".into());
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(format!(
+            "upgrade refused: {}",
+            head.lines().next().unwrap_or("")
+        ));
+    }
+    let _ = buf.split_to(head_end);
+    let mut dec = FrameDecoder::new(Role::Client);
+    let server_key = match read_frame(&mut stream, &mut buf, &mut dec).await? {
+        Frame::ServerKey { key } => key,
+        f => {
+            return Err(format!(
+                "first frame {:#04x} is not ServerKey",
+                f.type_byte()
+            ))
+        }
+    };
+    let info = ClientInfo {
+        mesh_key: Some(mesh_key.clone()),
+        version: 2,
+        can_ack_pings: false,
+        is_prober: false,
+        app_name: Some("derpd-mesh".into()),
+    };
+    let mut out = BytesMut::new();
+    seal_client_info(key, &server_key, &info).encode(&mut out);
+    stream.write_all(&out).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    match read_frame(&mut stream, &mut buf, &mut dec).await? {
+        Frame::ServerInfo { nonce, sealed } => {
+            open_server_info(key, &server_key, &nonce, &sealed).map_err(|e| e.to_string())?;
+        }
+        f => {
+            return Err(format!(
+                "frame {:#04x} after ClientInfo is not ServerInfo",
+                f.type_byte()
+            ))
+        }
+    }
+    Ok(Dialed {
+        stream,
+        buf,
+        server_key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_in_every_form() {
+        let p = PeerSpec::parse("derp2.example.com").unwrap();
+        assert!(p.tls);
+        assert_eq!(p.host, "derp2.example.com");
+        assert_eq!(p.dial, "derp2.example.com:443");
+        assert_eq!(p.url(), "https://derp2.example.com:443/derp");
+        let p = PeerSpec::parse("derp2.example.com/10.0.0.2").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.dial.as_str()),
+            ("derp2.example.com", "10.0.0.2:443")
+        );
+        let p = PeerSpec::parse("derp2.example.com:8443/10.0.0.2").unwrap();
+        assert_eq!(p.dial, "10.0.0.2:8443");
+        let p = PeerSpec::parse("http://127.0.0.1:3340").unwrap();
+        assert!(!p.tls);
+        assert_eq!(p.dial, "127.0.0.1:3340");
+        let p = PeerSpec::parse("http://127.0.0.1:3340/derp").unwrap();
+        assert_eq!(p.dial, "127.0.0.1:3340");
+        let p = PeerSpec::parse("https://[::1]:8443").unwrap();
+        assert_eq!((p.host.as_str(), p.dial.as_str()), ("::1", "[::1]:8443"));
+        assert_eq!(PeerSpec::parse_list(" a, ,b ").unwrap().len(), 2);
+        assert!(PeerSpec::parse("host:notaport").is_err());
+        assert!(PeerSpec::parse("http://").is_err());
+    }
+}
