@@ -46,6 +46,13 @@ pub struct BenchOptions {
     /// Idle clients connecting at once.
     #[arg(long, default_value_t = 64)]
     pub idle_parallel: usize,
+    /// Mesh watchers that subscribe (WatchConns) and then never read,
+    /// simulating stuck mesh peers; needs `--mesh-psk-file`.
+    #[arg(long, default_value_t = 0)]
+    pub stuck_watchers: usize,
+    /// The relay's mesh key file (for `--stuck-watchers`).
+    #[arg(long)]
+    pub mesh_psk_file: Option<std::path::PathBuf>,
     /// Use TLS (the URL should be https://).
     #[arg(long)]
     pub tls: bool,
@@ -186,6 +193,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     };
 
     // Idle clients first: handshake rate and memory per idle client.
+    let stuck = connect_stuck_watchers(&url, opts, insecure).await?;
     let rss_before_idle = opts.server_pid.and_then(proc_usage).map(|u| u.1);
     let idle = connect_idle(&url, opts.idle, opts.idle_parallel.max(1), insecure).await?;
     if let Some((n, secs)) = idle.1 {
@@ -278,6 +286,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     drop(idle);
+    drop(stuck);
 
     let (sent, received) = totals(&stats);
     report.seconds = elapsed;
@@ -330,6 +339,40 @@ fn totals(stats: &[Arc<PairStats>]) -> (u64, u64) {
             r + p.received.load(Ordering::Relaxed),
         )
     })
+}
+
+/// Connects mesh watchers that subscribe to connection events and never
+/// read: the relay must keep relaying for everyone else.
+async fn connect_stuck_watchers(
+    url: &str,
+    opts: &BenchOptions,
+    insecure: bool,
+) -> Result<Vec<DynClient>, String> {
+    if opts.stuck_watchers == 0 {
+        return Ok(Vec::new());
+    }
+    let path = opts
+        .mesh_psk_file
+        .as_ref()
+        .ok_or("--stuck-watchers needs --mesh-psk-file")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mesh_key = crate::proto::MeshKey::from_hex(&text)
+        .map_err(|_| format!("{}: not a 64-hex mesh key", path.display()))?;
+    let mut out = Vec::new();
+    for _ in 0..opts.stuck_watchers {
+        let info = crate::proto::ClientInfo {
+            mesh_key: Some(mesh_key.clone()),
+            ..Default::default()
+        };
+        let mut c = crate::client::dial_with(url, &NodePrivate::generate(), insecure, info)
+            .await
+            .map_err(|e| format!("stuck watcher: {e}"))?;
+        c.send(&Frame::WatchConns)
+            .await
+            .map_err(|e| format!("stuck watcher: {e}"))?;
+        out.push(c);
+    }
+    Ok(out)
 }
 
 /// Connects `n` idle clients; returns them and (count, seconds) taken.
