@@ -941,3 +941,65 @@ async fn slow_receiver_is_cut_off_without_stalling_others() {
     );
     assert!(got < frozen_sent, "frozen client got all {got} packets");
 }
+
+/// Checklist 31: at most one pong is pending; pings arriving meanwhile get
+/// no answer. 100 pings in one write are handled in one pass of the reader,
+/// so most of them find the pong slot taken.
+#[tokio::test]
+async fn pings_while_a_pong_is_pending_are_dropped() {
+    let server = common::start().await;
+    let (mut c, _) = our_client(&server).await;
+    let mut burst = Vec::new();
+    for i in 0u8..100 {
+        burst.extend_from_slice(&raw_frame(0x12, &[i; 8]));
+    }
+    c.send_raw(&burst).await.unwrap();
+    // Sentinel pings after the burst (re-sent while the slot is still
+    // taken): once a sentinel's pong is in, every burst pong is.
+    let mut pongs = Vec::new();
+    let mut sentinels = 0;
+    'outer: for _ in 0..100 {
+        c.send(&Frame::Ping([0xEE; 8])).await.unwrap();
+        sentinels += 1;
+        while let Some(f) = c.recv_timeout(QUIET).await.unwrap() {
+            match f {
+                Frame::Pong(d) if d == [0xEE; 8] => break 'outer,
+                Frame::Pong(d) => pongs.push(d[0]),
+                Frame::KeepAlive => {}
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+    }
+    assert!(!pongs.is_empty(), "the first ping is answered");
+    assert_eq!(pongs[0], 0, "the first ping's pong comes first");
+    assert!(pongs.len() < 50, "{} of 100 pings answered", pongs.len());
+    assert!(
+        pongs.windows(2).all(|w| w[0] < w[1]),
+        "pongs echo pings in order"
+    );
+    assert_eq!(
+        metric(&server, "derp_pings_received_total"),
+        100.0 + sentinels as f64
+    );
+    server.shutdown().await;
+}
+
+/// Checklist 32: an idle client receives empty KeepAlive frames on the
+/// keepalive period (shortened here; 60 s + up to 5 s in production).
+#[tokio::test]
+async fn idle_clients_receive_keepalives() {
+    let server = common::start_with(
+        RelayConfig {
+            keepalive_interval: Duration::from_millis(100),
+            keepalive_jitter: Duration::ZERO,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let (mut c, _) = our_client(&server).await;
+    for _ in 0..3 {
+        assert_eq!(next(&mut c).await, Frame::KeepAlive);
+    }
+    server.shutdown().await;
+}
