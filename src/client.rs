@@ -263,6 +263,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub fn into_inner(self) -> S {
         self.stream
     }
+
+    /// The stream, the bytes already read past the last decoded frame, and
+    /// the relay's key: for callers that run their own frame loop.
+    pub fn into_parts(self) -> (S, BytesMut, NodePublic) {
+        (self.stream, self.buf, self.server_key)
+    }
 }
 
 /// Any byte stream a client can run over (plain TCP or TLS).

@@ -5,12 +5,10 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::client::Stream;
-use crate::proto::handshake::{open_server_info, seal_client_info};
-use crate::proto::{ClientInfo, Frame, FrameDecoder, MeshKey, NodePrivate, NodePublic, Role};
+use crate::client::{Client, Stream};
+use crate::proto::{ClientInfo, MeshKey, NodePrivate, NodePublic};
 
 /// One `--mesh-with` entry.
 ///
@@ -174,64 +172,12 @@ pub async fn dial(
     handshake(stream, &host, key, mesh_key).await
 }
 
-async fn read_frame<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-    dec: &mut FrameDecoder,
-) -> Result<Frame, String> {
-    loop {
-        if let Some(f) = dec.decode(buf).map_err(|e| e.to_string())? {
-            return Ok(f);
-        }
-        buf.reserve(4096);
-        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("peer closed during the DERP handshake".into());
-        }
-    }
-}
-
 async fn handshake(
-    mut stream: Box<dyn Stream>,
+    stream: Box<dyn Stream>,
     host: &str,
     key: &NodePrivate,
     mesh_key: &MeshKey,
 ) -> Result<Dialed, String> {
-    let req = format!(
-        "GET /derp HTTP/1.1\r\nHost: {host}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nUser-Agent: derpd-mesh/{}\r\n\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    let io = |e: std::io::Error| e.to_string();
-    stream.write_all(req.as_bytes()).await.map_err(io)?;
-    let mut buf = BytesMut::with_capacity(16 << 10);
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 16 << 10 {
-            return Err("HTTP response head too large".into());
-        }
-        if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
-            return Err("peer closed during the HTTP upgrade".into());
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    if !head.starts_with("HTTP/1.1 101") {
-        return Err(format!(
-            "upgrade refused: {}",
-            head.lines().next().unwrap_or("")
-        ));
-    }
-    let _ = buf.split_to(head_end);
-    let mut dec = FrameDecoder::new(Role::Client);
-    let server_key = match read_frame(&mut stream, &mut buf, &mut dec).await? {
-        Frame::ServerKey { key } => key,
-        f => {
-            return Err(format!(
-                "first frame {:#04x} is not ServerKey",
-                f.type_byte()
-            ))
-        }
-    };
     let info = ClientInfo {
         mesh_key: Some(mesh_key.clone()),
         version: 2,
@@ -239,21 +185,10 @@ async fn handshake(
         is_prober: false,
         app_name: Some("derpd-mesh".into()),
     };
-    let mut out = BytesMut::new();
-    seal_client_info(key, &server_key, &info).encode(&mut out);
-    stream.write_all(&out).await.map_err(io)?;
-    stream.flush().await.map_err(io)?;
-    match read_frame(&mut stream, &mut buf, &mut dec).await? {
-        Frame::ServerInfo { nonce, sealed } => {
-            open_server_info(key, &server_key, &nonce, &sealed).map_err(|e| e.to_string())?;
-        }
-        f => {
-            return Err(format!(
-                "frame {:#04x} after ClientInfo is not ServerInfo",
-                f.type_byte()
-            ))
-        }
-    }
+    let client = Client::upgrade_and_handshake(stream, host, key, info)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (stream, buf, server_key) = client.into_parts();
     Ok(Dialed {
         stream,
         buf,
