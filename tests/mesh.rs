@@ -175,7 +175,7 @@ async fn clients_on_different_relays_exchange_packets_in_every_direction() {
     }
     assert_eq!(forwarded, 24.0, "each of the 24 packets crossed one hop");
     // The operator view on the metrics listener.
-    let status = http_get(servers[0].metrics_addr.unwrap(), "/debug/mesh").await;
+    let status = common::http_get_ok(servers[0].metrics_addr.unwrap(), "/debug/mesh").await;
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     let states: Vec<&str> = v["peers"]
         .as_array()
@@ -189,18 +189,6 @@ async fn clients_on_different_relays_exchange_packets_in_every_direction() {
     for s in servers {
         s.shutdown().await;
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }
 
 #[tokio::test]

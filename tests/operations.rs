@@ -87,8 +87,7 @@ async fn metrics_endpoint_parses_and_counters_move() {
     s.write_all(&wrong.to_bytes()).await.unwrap();
     assert!(closed_by_peer(&mut s).await);
 
-    let url = format!("http://{}/metrics", server.metrics_addr.unwrap());
-    let text = http_get(&url).await;
+    let text = http_get_ok(server.metrics_addr.unwrap(), "/metrics").await;
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
     let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
@@ -133,22 +132,6 @@ async fn metrics_endpoint_parses_and_counters_move() {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name}");
     }
     server.shutdown().await;
-}
-
-async fn http_get(url: &str) -> String {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (hp, path) = rest.split_once('/').unwrap();
-    let mut s = TcpStream::connect(hp).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {hp}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }
 
 #[tokio::test]
