@@ -132,7 +132,7 @@ async fn probe(url: &str) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(derpd::config::go_style_args(std::env::args_os()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
