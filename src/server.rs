@@ -105,7 +105,13 @@ impl Server {
 
         let tls = match &config.tls {
             Some(t) => Some(Arc::new(
-                TlsManager::start(t, &config.hostname, stop_all.clone()).await?,
+                TlsManager::start(
+                    t,
+                    &config.hostname,
+                    Some(&relay.public_key()),
+                    stop_all.clone(),
+                )
+                .await?,
             )),
             None => None,
         };

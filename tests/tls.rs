@@ -400,9 +400,11 @@ async fn ip_hostname_without_files_gets_a_pinned_self_signed_certificate() {
         .await
         .unwrap();
     let chain = s.get_ref().1.peer_certificates().unwrap().to_vec();
-    // Exactly one certificate, so a `sha256-raw:` pin validates.
-    assert_eq!(chain.len(), 1);
+    // Exactly one certificate besides the DERP meta certificate (which
+    // clients skip), so a `sha256-raw:` pin validates.
+    assert_eq!(chain.len(), 2);
     assert_eq!(chain[0], written[0]);
+    assert!(is_meta_cert(&chain[1], &server.relay.public_key()));
     let info = LeafInfo::parse(&chain[0]).unwrap();
     assert!(info.names("127.0.0.1"));
     let lifetime = info.not_after.duration_since(info.not_before).unwrap();
@@ -509,5 +511,73 @@ async fn failed_tls_handshakes_are_counted() {
 
     // Good handshakes still work afterwards.
     let _ = served_leaf(&server, &ca).await;
+    server.shutdown().await;
+}
+
+/// Whether `der` is the DERP meta certificate for `key`.
+fn is_meta_cert(der: &[u8], key: &derpd::proto::NodePublic) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return false;
+    };
+    let cn = cert.subject().iter_common_name().next();
+    cn.and_then(|c| c.as_str().ok()) == Some(&format!("derpkey{}", key.to_hex()))
+        && cert.tbs_certificate.raw_serial() == [2]
+}
+
+#[tokio::test]
+async fn served_chain_ends_with_the_derp_meta_certificate_and_fast_start_works_over_tls() {
+    use derpd::proto::handshake::{open_server_info, seal_client_info};
+    use derpd::proto::{ClientInfo, Frame, FrameDecoder, NodePrivate, Role};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut config = derpd::config::ServerConfig::loopback_ephemeral();
+    config.hostname = "derp.test".into();
+    config.tls = Some(derpd::config::TlsSettings {
+        mode: derpd::config::CertMode::SelfSigned,
+        certdir: std::env::temp_dir(),
+        acme_directory: String::new(),
+        acme_email: None,
+        acme_ca_file: None,
+    });
+    let server = derpd::server::Server::start(config, NodePrivate::generate(), None)
+        .await
+        .unwrap();
+    let key = server.relay.public_key();
+    let mut s = tls_connect(&server, accept_any_config(), "derp.test")
+        .await
+        .unwrap();
+    let chain = s.get_ref().1.peer_certificates().unwrap().to_vec();
+    assert_eq!(chain.len(), 2);
+    assert!(!is_meta_cert(&chain[0], &key));
+    assert!(is_meta_cert(&chain[1], &key));
+
+    // What a Go client does after finding the meta certificate: the
+    // request and ClientInfo in one write, sealed to the key it learned.
+    let client = NodePrivate::generate();
+    let mut burst = b"GET /derp HTTP/1.1\r\nHost: derp.test\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Fast-Start: 1\r\n\r\n".to_vec();
+    burst.extend_from_slice(&seal_client_info(&client, &key, &ClientInfo::default()).to_bytes());
+    s.write_all(&burst).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let mut dec = FrameDecoder::new(Role::Client);
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        if let Some(f) = dec.decode(&mut buf).unwrap() {
+            frames.push(f);
+            continue;
+        }
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0, "closed early");
+    }
+    // No HTTP response: the first bytes are the ServerKey frame.
+    assert_eq!(frames[0], Frame::ServerKey { key });
+    let Frame::ServerInfo { nonce, sealed } = &frames[1] else {
+        panic!("expected ServerInfo, got {:?}", frames[1]);
+    };
+    assert_eq!(
+        open_server_info(&client, &key, nonce, sealed)
+            .unwrap()
+            .version,
+        2
+    );
     server.shutdown().await;
 }

@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CertMode, TlsSettings};
+use crate::proto::NodePublic;
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +99,69 @@ impl SwappableCert {
 impl ResolvesServerCert for SwappableCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.get()
+    }
+}
+
+/// The DERP "meta certificate": a throwaway self-signed certificate whose
+/// subject names the relay's DERP key (CN `derpkey<64 hex>`, serial = the
+/// protocol version, BasicConstraints its only extension). Appended to the
+/// served chain, it lets Go clients learn the key inside a TLS 1.3
+/// handshake and skip a round trip ("fast start"). Clients ignore it when
+/// validating the chain or a `sha256-raw:` pin.
+pub fn meta_certificate(server_key: &NodePublic) -> Result<CertificateDer<'static>, TlsError> {
+    let invalid = |e: rcgen::Error| TlsError::Invalid(format!("meta certificate: {e}"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(invalid)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.serial_number = Some(rcgen::SerialNumber::from(vec![
+        crate::proto::limits::PROTOCOL_VERSION as u8,
+    ]));
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(
+        rcgen::DnType::CommonName,
+        format!("derpkey{}", server_key.to_hex()),
+    );
+    params.distinguished_name = dn;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now + time::Duration::days(30);
+    // BasicConstraints (critical, not a CA) as the only extension; rcgen's
+    // own would add a SubjectKeyIdentifier too.
+    params.is_ca = rcgen::IsCa::NoCa;
+    let mut basic_constraints =
+        rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x00]);
+    basic_constraints.set_criticality(true);
+    params.custom_extensions.push(basic_constraints);
+    let cert = params.self_signed(&key).map_err(invalid)?;
+    Ok(cert.der().clone())
+}
+
+/// Serves the current certificate with the meta certificate appended,
+/// without changing the certificate itself.
+#[derive(Debug)]
+struct WithMetaCert {
+    inner: Arc<SwappableCert>,
+    meta: CertificateDer<'static>,
+    /// The last certificate seen and its chain with the meta cert.
+    cached: RwLock<Option<(Arc<CertifiedKey>, Arc<CertifiedKey>)>>,
+}
+
+impl ResolvesServerCert for WithMetaCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = self.inner.get()?;
+        if let Some((src, out)) = &*self.cached.read() {
+            if Arc::ptr_eq(src, &current) {
+                return Some(out.clone());
+            }
+        }
+        let mut chain = current.cert.clone();
+        chain.push(self.meta.clone());
+        let out = Arc::new(CertifiedKey {
+            cert: chain,
+            key: current.key.clone(),
+            ocsp: current.ocsp.clone(),
+        });
+        *self.cached.write() = Some((current, out.clone()));
+        Some(out)
     }
 }
 
@@ -352,9 +416,13 @@ impl TlsManager {
     /// HTTP-01 challenge is answered by the plain-HTTP listener, which the
     /// server binds after this returns. Until then handshakes fail; use
     /// [`TlsManager::wait_for_certificate`] to wait.
+    ///
+    /// With `meta_key` (the relay's DERP key), the meta certificate is
+    /// appended to every served chain (see [`meta_certificate`]).
     pub async fn start(
         settings: &TlsSettings,
         hostname: &str,
+        meta_key: Option<&NodePublic>,
         shutdown: CancellationToken,
     ) -> Result<TlsManager, TlsError> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -394,7 +462,14 @@ impl TlsManager {
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Invalid(format!("TLS configuration: {e}")))?
             .with_no_client_auth()
-            .with_cert_resolver(cert.clone());
+            .with_cert_resolver(match meta_key {
+                Some(k) => Arc::new(WithMetaCert {
+                    inner: cert.clone(),
+                    meta: meta_certificate(k)?,
+                    cached: RwLock::new(None),
+                }),
+                None => cert.clone() as Arc<dyn ResolvesServerCert>,
+            });
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         // DERP connections live for hours and reconnect rarely: no TLS 1.3
         // session tickets (each costs a ticket encryption and cache entry).
@@ -466,6 +541,26 @@ impl TlsManager {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn meta_certificate_names_the_derp_key_like_derper() {
+        use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+        let key = crate::proto::NodePrivate::generate().public();
+        let der = meta_certificate(&key).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        assert_eq!(cert.tbs_certificate.raw_serial(), &[2]);
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), format!("derpkey{}", key.to_hex()));
+        let exts = cert.extensions();
+        assert_eq!(exts.len(), 1, "{exts:?}");
+        assert!(matches!(
+            exts[0].parsed_extension(),
+            ParsedExtension::BasicConstraints(_)
+        ));
+        let validity = cert.validity();
+        let span = validity.not_after.timestamp() - validity.not_before.timestamp();
+        assert_eq!(span, 60 * 86400);
+    }
+
     use super::*;
 
     #[test]
