@@ -51,23 +51,12 @@ fn pebble_available() -> bool {
 }
 
 fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::free_port()
 }
 
 /// A port free for both UDP and TCP (for the mock DNS server).
 fn free_udp_tcp_port() -> u16 {
-    for _ in 0..50 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for both UDP and TCP");
+    common::free_port()
 }
 
 struct Killed(Child);
@@ -97,6 +86,17 @@ impl Pebble {
     /// Starts pebble; it validates HTTP-01 on `http_port` of whatever the
     /// mock DNS says every name is (127.0.0.1).
     async fn start(http_port: u16, validity_secs: Option<u64>) -> Pebble {
+        // A port can still be taken between choosing and binding it: pebble
+        // then exits at once, and a fresh set of ports is tried.
+        for _ in 0..5 {
+            if let Some(p) = Self::try_start(http_port, validity_secs).await {
+                return p;
+            }
+        }
+        panic!("pebble did not start in 5 attempts");
+    }
+
+    async fn try_start(http_port: u16, validity_secs: Option<u64>) -> Option<Pebble> {
         let dir = tempfile::tempdir().unwrap();
         // pebble's HTTPS certificate, from a CA made here.
         let ca_key = KeyPair::generate().unwrap();
@@ -172,7 +172,7 @@ impl Pebble {
             .stderr(log)
             .spawn()
             .expect("start pebble");
-        let p = Pebble {
+        let mut p = Pebble {
             _dns: dns,
             pebble: Some(Killed(pebble)),
             directory: format!("https://127.0.0.1:{listen}/dir"),
@@ -187,12 +187,20 @@ impl Pebble {
             if let Ok((200, _)) = p.https_get(p.mgmt, "/roots/0").await {
                 break;
             }
+            let exited = p
+                .pebble
+                .as_mut()
+                .is_some_and(|c| matches!(c.0.try_wait(), Ok(Some(_))));
+            if exited {
+                eprintln!("pebble exited, retrying; log:\n{}", p.log());
+                return None;
+            }
             if tokio::time::Instant::now() > deadline {
                 panic!("pebble did not come up; log:\n{}", p.log());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        p
+        Some(p)
     }
 
     fn log(&self) -> String {

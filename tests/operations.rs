@@ -340,11 +340,7 @@ struct Process {
 
 impl Process {
     fn start(extra: &[&str]) -> Process {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_derpd"))
             .args([

@@ -127,3 +127,19 @@ pub async fn http_get_ok(addr: std::net::SocketAddr, path: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
 }
+
+/// A loopback TCP port that is free now, for a process the test starts
+/// later. Picked below the kernel's ephemeral range (32768–60999), from
+/// which bind(0) and every outgoing connection draw, so nothing else in the
+/// test run takes it in the meantime.
+pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_000);
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port");
+}
