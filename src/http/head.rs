@@ -36,24 +36,49 @@ pub enum HeadError {
 }
 
 impl RequestHead {
-    /// Whether this is a raw DERP upgrade (`Upgrade: DERP`, or the legacy
-    /// `Upgrade: websocket` without the `derp` WebSocket subprotocol).
+    /// Whether this is a raw DERP upgrade of `/derp`.
     pub fn is_raw_derp_upgrade(&self) -> bool {
-        self.path == "/derp"
-            && match self.upgrade.as_deref() {
-                Some("derp") => true,
-                Some("websocket") => !self.is_websocket_derp(),
-                _ => false,
-            }
+        self.path == "/derp" && self.upgrade_kind() == UpgradeKind::RawDerp
     }
 
     /// Whether this asks for DERP over WebSocket (subprotocol `derp`).
     pub fn is_websocket_derp(&self) -> bool {
-        self.upgrade.as_deref() == Some("websocket")
-            && self
-                .ws_protocol
-                .as_deref()
-                .is_some_and(|p| p.contains("derp"))
+        self.upgrade_kind() == UpgradeKind::WebSocketDerp
+    }
+
+    /// What kind of upgrade the request asks for.
+    pub fn upgrade_kind(&self) -> UpgradeKind {
+        upgrade_kind(self.upgrade.as_deref(), self.ws_protocol.as_deref())
+    }
+}
+
+/// What a request to `/derp` asks to upgrade to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeKind {
+    /// The DERP byte stream right after the HTTP response (`Upgrade: DERP`,
+    /// or the legacy `Upgrade: websocket` without the `derp` subprotocol).
+    RawDerp,
+    /// DERP carried in WebSocket binary messages (subprotocol `derp`).
+    WebSocketDerp,
+    /// No (known) upgrade: answered 426.
+    None,
+}
+
+/// Decides the upgrade from the `Upgrade` and `Sec-WebSocket-Protocol`
+/// header values, as Tailscale's relay does. Shared by the first-request
+/// path and the hyper path so the two can never disagree.
+pub fn upgrade_kind(upgrade: Option<&str>, ws_protocol: Option<&str>) -> UpgradeKind {
+    let upgrade = upgrade.map(str::trim);
+    if upgrade.is_some_and(|u| u.eq_ignore_ascii_case("derp")) {
+        return UpgradeKind::RawDerp;
+    }
+    if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        return UpgradeKind::None;
+    }
+    if ws_protocol.is_some_and(|p| p.contains("derp")) {
+        UpgradeKind::WebSocketDerp
+    } else {
+        UpgradeKind::RawDerp
     }
 }
 

@@ -12,6 +12,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use super::head::{upgrade_kind, UpgradeKind};
 use super::Front;
 use crate::relay::AcceptOptions;
 
@@ -147,32 +148,23 @@ fn home_page(front: &Front) -> Response<Body> {
 /// A DERP upgrade that arrives through hyper (a later request on a kept-alive
 /// connection): answered with the same 101 headers, then relayed.
 fn derp_upgrade(front: &Front, remote: SocketAddr, req: &mut Request<Incoming>) -> Response<Body> {
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
-    let ws_derp = upgrade.as_deref() == Some("websocket")
-        && req
-            .headers()
-            .get(header::SEC_WEBSOCKET_PROTOCOL)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|p| p.contains("derp"));
-    if ws_derp {
+    let header_str = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let kind = upgrade_kind(
+        header_str(header::UPGRADE),
+        header_str(header::SEC_WEBSOCKET_PROTOCOL),
+    );
+    match kind {
         // DERP over WebSocket (issue 3); disabled → 426 like a non-upgrade.
-        if !front.websocket {
+        UpgradeKind::WebSocketDerp if front.websocket => {
+            return super::websocket::upgrade(front, remote, req)
+        }
+        UpgradeKind::WebSocketDerp | UpgradeKind::None => {
             return text(
                 StatusCode::UPGRADE_REQUIRED,
                 "DERP requires connection upgrade\n",
-            );
+            )
         }
-        return super::websocket::upgrade(front, remote, req);
-    }
-    if !matches!(upgrade.as_deref(), Some("derp") | Some("websocket")) {
-        return text(
-            StatusCode::UPGRADE_REQUIRED,
-            "DERP requires connection upgrade\n",
-        );
+        UpgradeKind::RawDerp => {}
     }
     let not_ideal = req.headers().contains_key("ideal-node");
     let on_upgrade = hyper::upgrade::on(req);
