@@ -1132,3 +1132,149 @@ fn bench_admission_cache_vs_linear_scan() {
         cache_rate / scan_rate,
     );
 }
+
+// ---------------------------------------------------------------------------
+// Refresh on a miss (a node registered between two polls).
+
+fn list_reads(hs: &Headscale) -> usize {
+    hs.state
+        .list_requests
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The companion with headscale's default poll interval (10 s), so that only
+/// a miss-triggered refresh can explain a fresh node list.
+fn default_poll_config(hs: &Headscale, dir: &Path) -> CompanionConfig {
+    CompanionConfig {
+        poll_interval: CompanionConfig::default().poll_interval,
+        ..companion_config(hs, dir, API_KEY)
+    }
+}
+
+#[tokio::test]
+async fn a_node_registered_after_the_last_poll_is_admitted_on_its_first_try() {
+    let alice = HsNode::new(1, "alice");
+    let hs = Headscale::start(vec![alice.clone()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = relay(default_poll_config(&hs, dir.path()), None).await;
+    assert!(wait_until(ARRIVES, || async { cached_nodes(&server) == Some(1) }).await);
+    let reads_before = list_reads(&hs);
+
+    // headscale registers bob; the next poll is ~10 s away.
+    let bob = HsNode::new(2, "bob");
+    hs.set_nodes(vec![alice.clone(), bob.clone()]);
+    let started = Instant::now();
+    assert!(admitted(&server, &bob.keys).await, "first try admitted");
+    println!("registration to admission: {:?}", started.elapsed());
+    assert_eq!(cached_nodes(&server), Some(2));
+    assert!(list_reads(&hs) > reads_before, "the miss asked headscale");
+
+    // A stranger still is refused, after its own refresh.
+    assert!(!admitted(&server, &NodeKeyPair::random()).await);
+    let m = |s: &str| metric(&server, s);
+    assert_eq!(m("derpd_companion_misses_total{result=\"admitted\"}"), 1.0);
+    assert_eq!(m("derpd_companion_misses_total{result=\"refused\"}"), 1.0);
+    assert!(m("derpd_companion_refreshes_total{cause=\"miss\"}") >= 2.0);
+    assert_eq!(m("derpd_companion_refreshes_total{cause=\"poll\"}"), 1.0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_keys_costs_headscale_few_reads() {
+    let alice = HsNode::new(1, "alice");
+    let hs = Headscale::start(vec![alice.clone()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Arc::new(relay(default_poll_config(&hs, dir.path()), None).await);
+    assert!(wait_until(ARRIVES, || async { cached_nodes(&server) == Some(1) }).await);
+    let reads_before = list_reads(&hs);
+
+    // 200 strangers within 2 s.
+    let mut tries = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let server = server.clone();
+        tries.spawn(async move { admitted(&server, &NodeKeyPair::random()).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut refused = 0;
+    while let Some(r) = tries.join_next().await {
+        refused += usize::from(!r.unwrap());
+    }
+    assert_eq!(refused, 200);
+    let reads = list_reads(&hs) - reads_before;
+    println!("200 unknown keys caused {reads} node-list reads");
+    assert!(reads <= 20, "{reads} node-list reads");
+    assert!(reads >= 1);
+    assert!(admitted(&server, &alice.keys).await);
+    if let Ok(server) = Arc::try_unwrap(server) {
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn while_headscale_is_down_unknown_keys_are_refused_at_once() {
+    let alice = HsNode::new(1, "alice");
+    let mut hs = Headscale::start(vec![alice.clone()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = companion_config(&hs, dir.path(), API_KEY);
+    cfg.poll_interval = Duration::from_millis(300);
+    let server = relay(cfg, None).await;
+    assert!(wait_until(ARRIVES, || async { cached_nodes(&server) == Some(1) }).await);
+    hs.down().await;
+    assert!(
+        wait_until(ARRIVES, || async {
+            metric(
+                &server,
+                "derpd_companion_sync_failures_total{reason=\"unreachable\"}",
+            ) >= 1.0
+        })
+        .await
+    );
+    let miss_refreshes = metric(&server, "derpd_companion_refreshes_total{cause=\"miss\"}");
+    assert!(!admitted(&server, &NodeKeyPair::random()).await);
+    assert!(
+        admitted(&server, &alice.keys).await,
+        "known keys still admitted"
+    );
+    assert_eq!(
+        metric(&server, "derpd_companion_refreshes_total{cause=\"miss\"}"),
+        miss_refreshes,
+        "no refresh is tried while headscale is failing"
+    );
+    assert_eq!(
+        metric(&server, "derpd_companion_misses_total{result=\"refused\"}"),
+        1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn verify_admits_a_node_registered_after_the_last_poll() {
+    let alice = HsNode::new(1, "alice");
+    let hs = Headscale::start(vec![alice.clone()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = default_poll_config(&hs, dir.path());
+    cfg.verify_clients = false;
+    let server = relay(cfg, None).await;
+    assert!(wait_until(ARRIVES, || async { cached_nodes(&server) == Some(1) }).await);
+    let bob = HsNode::new(2, "bob");
+    hs.set_nodes(vec![alice.clone(), bob.clone()]);
+    let (st, _, body) = http(
+        server.addr,
+        "POST",
+        "/verify",
+        &[],
+        tailscale_verify_body(&bob.keys.public.to_string(), "203.0.113.9"),
+    )
+    .await;
+    assert_eq!((st, &body[..]), (200, &b"{\"Allow\":true}\n"[..]));
+    let (st, _, body) = http(
+        server.addr,
+        "POST",
+        "/verify",
+        &[],
+        tailscale_verify_body(&NodeKeyPair::random().public.to_string(), "203.0.113.9"),
+    )
+    .await;
+    assert_eq!((st, &body[..]), (200, &b"{\"Allow\":false}\n"[..]));
+    server.shutdown().await;
+}

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use super::metrics::CompanionMetrics;
 use super::model::{now_ms, Cache, CacheView};
+use super::refresh::MissRefresh;
 use super::HttpClient;
 use crate::proto::NodePublic;
 
@@ -146,27 +147,47 @@ pub fn decide(
     }
 }
 
-/// `--verify-clients headscale`: decisions from the cache.
+/// `--verify-clients headscale`: decisions from the cache. A key the cache
+/// does not know (or a cache never filled) asks for a refresh first, when
+/// headscale is configured, and is decided again once it has been fetched.
 pub struct HeadscaleAdmission {
     cache: Arc<Cache>,
     policy: Policy,
     metrics: Arc<CompanionMetrics>,
+    refresh: Option<Arc<MissRefresh>>,
 }
 
 impl HeadscaleAdmission {
-    /// Admission over `cache`.
-    pub fn new(cache: Arc<Cache>, policy: Policy, metrics: Arc<CompanionMetrics>) -> Self {
+    /// Admission over `cache`; misses go through `refresh` when given.
+    pub fn new(
+        cache: Arc<Cache>,
+        policy: Policy,
+        metrics: Arc<CompanionMetrics>,
+        refresh: Option<Arc<MissRefresh>>,
+    ) -> Self {
         HeadscaleAdmission {
             cache,
             policy,
             metrics,
+            refresh,
         }
     }
 
-    /// The decision, counted.
-    pub fn check(&self, key: &NodePublic) -> Decision {
+    fn decide_now(&self, key: &NodePublic) -> Decision {
         let now = now_ms();
-        let d = self.cache.with_view(|v| decide(v, key, now, &self.policy));
+        self.cache.with_view(|v| decide(v, key, now, &self.policy))
+    }
+
+    /// The decision, counted.
+    pub async fn check(&self, key: &NodePublic) -> Decision {
+        let mut d = self.decide_now(key);
+        let miss = !d.allow && matches!(d.reason, Reason::Unknown | Reason::CacheEmpty);
+        if let (true, Some(refresh)) = (miss, &self.refresh) {
+            if refresh.refresh().await {
+                d = self.decide_now(key);
+            }
+            self.metrics.miss(d.allow);
+        }
         self.metrics.decision(d.allow, d.reason);
         d
     }
@@ -174,8 +195,7 @@ impl HeadscaleAdmission {
 
 impl Admission for HeadscaleAdmission {
     fn admit<'a>(&'a self, key: NodePublic, _remote: SocketAddr) -> AdmitFuture<'a> {
-        let d = self.check(&key);
-        Box::pin(async move { d.allow })
+        Box::pin(async move { self.check(&key).await.allow })
     }
 }
 

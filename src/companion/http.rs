@@ -101,7 +101,11 @@ where
             return text(StatusCode::BAD_REQUEST, "bad request body\n");
         }
     };
-    match c.cache.with_view(|v| verify::answer(v, &body)) {
+    let mut answer = c.cache.with_view(|v| verify::answer(v, &body));
+    if answer == Answer::Allow(false) && c.refresh_on_miss().await {
+        answer = c.cache.with_view(|v| verify::answer(v, &body));
+    }
+    match answer {
         Answer::Allow(allow) => {
             c.metrics.verify(if allow { "allow" } else { "deny" });
             let b = if allow { verify::ALLOW } else { verify::DENY };

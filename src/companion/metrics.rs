@@ -7,6 +7,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use super::admission::Reason;
 use super::headscale::FetchError;
 use super::model::{now_ms, Cache};
+use super::sync::SyncCause;
 use crate::metrics::CallbackMetric;
 
 /// Counters of the companion.
@@ -17,6 +18,8 @@ pub struct CompanionMetrics {
     decisions: IntCounterVec,
     replications: IntCounterVec,
     verify_requests: IntCounterVec,
+    refreshes: IntCounterVec,
+    misses: IntCounterVec,
 }
 
 fn vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -62,6 +65,24 @@ impl CompanionMetrics {
             "POST /verify answers, by result (allow, deny, bad_request).",
             &["result"],
         );
+        let refreshes = vec(
+            r,
+            "derpd_companion_refreshes_total",
+            "Node-list fetches from headscale, by cause: poll (the interval) or miss (an unknown key asked for one).",
+            &["cause"],
+        );
+        for cause in SyncCause::ALL {
+            refreshes.with_label_values(&[cause.label()]);
+        }
+        let misses = vec(
+            r,
+            "derpd_companion_misses_total",
+            "Admission checks of keys the cache did not know, by what became of them after the refresh: admitted or refused.",
+            &["result"],
+        );
+        for result in ["admitted", "refused"] {
+            misses.with_label_values(&[result]);
+        }
         let (c1, c2) = (cache.clone(), cache);
         for m in [
             CallbackMetric::new(
@@ -88,7 +109,20 @@ impl CompanionMetrics {
             decisions,
             replications,
             verify_requests,
+            refreshes,
+            misses,
         }
+    }
+
+    /// Counts a node-list fetch and its cause.
+    pub fn refresh(&self, cause: SyncCause) {
+        self.refreshes.with_label_values(&[cause.label()]).inc();
+    }
+
+    /// Counts a miss and whether it was admitted after the refresh.
+    pub fn miss(&self, admitted: bool) {
+        let result = if admitted { "admitted" } else { "refused" };
+        self.misses.with_label_values(&[result]).inc();
     }
 
     /// Counts a failed sync.

@@ -14,6 +14,7 @@ pub mod headscale;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod refresh;
 pub mod replicate;
 pub mod settings;
 pub mod store;
@@ -34,6 +35,7 @@ use admission::{Admission, Chain, HeadscaleAdmission, Policy, UrlAdmission, UrlC
 use headscale::FetchError;
 use metrics::CompanionMetrics;
 use model::{Cache, Snapshot};
+use refresh::MissRefresh;
 use store::Store;
 
 use crate::proto::MeshKey;
@@ -114,6 +116,8 @@ pub struct Companion {
     client: HttpClient,
     derp_map_json: Option<Bytes>,
     admission: Option<Arc<dyn Admission>>,
+    /// Refresh-on-miss (present when headscale is configured).
+    refresh: Option<Arc<MissRefresh>>,
 }
 
 /// Builds the companion's HTTP client (HTTP and HTTPS with the web PKI roots).
@@ -165,12 +169,19 @@ impl Companion {
             _ => None,
         };
         let client = http_client();
+        let refresh = config.headscale.as_ref().map(|_| {
+            Arc::new(MissRefresh::new(
+                refresh::DEFAULT_MIN_GAP,
+                refresh::DEFAULT_MAX_WAIT,
+            ))
+        });
         let mut checks: Vec<Arc<dyn Admission>> = Vec::new();
         if config.verify_clients {
             checks.push(Arc::new(HeadscaleAdmission::new(
                 cache.clone(),
                 config.policy.clone(),
                 metrics.clone(),
+                refresh.clone(),
             )));
         }
         if let Some(u) = &config.verify_url {
@@ -194,6 +205,7 @@ impl Companion {
             mesh_key,
             client,
             admission,
+            refresh,
         }))
     }
 
@@ -203,7 +215,33 @@ impl Companion {
         if self.config.headscale.is_none() && self.config.peers.is_empty() {
             return;
         }
-        sync::run(self, shutdown).await
+        match self.refresh.clone() {
+            Some(refresh) => {
+                let me = self.clone();
+                let fetch = move || {
+                    let me = me.clone();
+                    async move {
+                        let _ = me.sync_once(sync::SyncCause::Miss).await;
+                    }
+                };
+                tokio::join!(
+                    refresh.run(fetch, shutdown.clone()),
+                    sync::run(self, shutdown)
+                );
+            }
+            None => sync::run(self, shutdown).await,
+        }
+    }
+
+    /// For a key the cache does not know: fetches the node list again (or
+    /// joins a fetch about to start) and waits for it, boundedly. Returns
+    /// whether a fresh list arrived; `false` at once while headscale is
+    /// failing or not configured.
+    pub async fn refresh_on_miss(&self) -> bool {
+        match &self.refresh {
+            Some(r) => r.refresh().await,
+            None => false,
+        }
     }
 
     /// The admission hook for the relay, if any check is configured.
@@ -251,11 +289,12 @@ impl Companion {
     }
 
     /// One sync from headscale; returns the number of nodes cached.
-    pub async fn sync_once(&self) -> Result<usize, FetchError> {
+    pub async fn sync_once(&self, cause: sync::SyncCause) -> Result<usize, FetchError> {
         let Some(hs) = &self.config.headscale else {
             return Ok(0);
         };
         self.metrics.sync_attempts.inc();
+        self.metrics.refresh(cause);
         let result = async {
             let key = sync::read_api_key(&hs.api_key_file)?;
             let list =
@@ -274,6 +313,9 @@ impl Companion {
         .await;
         if let Err(e) = &result {
             self.metrics.sync_failed(e);
+        }
+        if let Some(r) = &self.refresh {
+            r.set_healthy(result.is_ok());
         }
         result
     }

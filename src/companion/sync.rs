@@ -15,6 +15,28 @@ use zeroize::Zeroizing;
 use super::headscale::{classify, FetchError, ParsedList};
 use super::{Companion, HttpClient};
 
+/// Why a node-list fetch ran (the `cause` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncCause {
+    /// The poll interval came round.
+    Poll,
+    /// Admission met a key the cache did not know.
+    Miss,
+}
+
+impl SyncCause {
+    /// Every cause, for pre-registering the metric.
+    pub const ALL: [SyncCause; 2] = [SyncCause::Poll, SyncCause::Miss];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            SyncCause::Poll => "poll",
+            SyncCause::Miss => "miss",
+        }
+    }
+}
+
 /// Largest node-list body accepted (64 MiB: ~100k nodes).
 pub const MAX_BODY: usize = 64 << 20;
 
@@ -110,7 +132,7 @@ pub async fn run(c: Arc<Companion>, shutdown: CancellationToken) {
     loop {
         let attempt = async {
             match &c.config.headscale {
-                Some(_) => match c.sync_once().await {
+                Some(_) => match c.sync_once(SyncCause::Poll).await {
                     Ok(n) => {
                         if failures > 0 || auth_reported {
                             tracing::info!(nodes = n, "headscale sync recovered");
