@@ -329,11 +329,7 @@ fn tls_client_config(insecure: bool) -> rustls::ClientConfig {
             .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify))
             .with_no_client_auth();
     }
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    crate::trust::client_config(None).expect("no CA file to read")
 }
 
 /// Accepts any server certificate (`--insecure`).

@@ -108,9 +108,18 @@ pub struct Settings {
     #[arg(long)]
     pub mesh_with: Option<String>,
     /// PEM file of CA certificates trusted for mesh peers (in addition to
-    /// the webpki roots).
+    /// the system store and the webpki roots).
     #[arg(long)]
     pub mesh_ca_file: Option<PathBuf>,
+    /// TCP keepalive idle time of client connections and mesh links (as
+    /// derper); 0 disables. Default 10m.
+    #[arg(long)]
+    pub tcp_keepalive_time: Option<String>,
+    /// TCP_USER_TIMEOUT of client connections and mesh links: how long
+    /// sent data may go unacknowledged before the kernel drops the
+    /// connection (as derper); 0 disables. Default 15s.
+    #[arg(long)]
+    pub tcp_user_timeout: Option<String>,
     /// Write deadline for regular clients; 0 disables. Default 2s.
     #[arg(long)]
     pub tcp_write_timeout: Option<String>,
@@ -168,6 +177,10 @@ pub struct Settings {
     /// surrounding whitespace is ignored). Re-read on every sync.
     #[arg(long)]
     pub headscale_api_key_file: Option<PathBuf>,
+    /// PEM file of CA certificates the companion's HTTPS client trusts
+    /// (headscale, peer relays, the verify URL) besides the system store.
+    #[arg(long)]
+    pub headscale_ca_file: Option<PathBuf>,
     /// How often to poll headscale; failures back off (with jitter) up to
     /// 60s. Default 10s.
     #[arg(long)]
@@ -271,6 +284,8 @@ pub struct Limits {
     pub accept_per_sec: f64,
     /// Accept burst.
     pub accept_burst: u32,
+    /// Keepalive and user timeout of accepted connections and mesh links.
+    pub tcp: crate::sockopt::TcpTimeouts,
 }
 
 /// What SIGTERM does.
@@ -370,6 +385,40 @@ pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigErro
             format!("{s:?} is not a duration like 2s, 500ms or 10m ({e})"),
         )
     })
+}
+
+impl Settings {
+    /// `--tcp-keepalive-time` and `--tcp-user-timeout`, derper's defaults
+    /// when absent; `0` turns one off.
+    fn tcp_timeouts(&self) -> Result<crate::sockopt::TcpTimeouts, ConfigError> {
+        let defaults = crate::sockopt::TcpTimeouts::default();
+        let opt = |key, v: &Option<String>, default: Option<Duration>| match v {
+            None => Ok(default),
+            Some(s) => parse_duration(key, s).map(|d| Some(d).filter(|d| !d.is_zero())),
+        };
+        let t = crate::sockopt::TcpTimeouts {
+            keepalive_time: opt(
+                "tcp-keepalive-time",
+                &self.tcp_keepalive_time,
+                defaults.keepalive_time,
+            )?,
+            user_timeout: opt(
+                "tcp-user-timeout",
+                &self.tcp_user_timeout,
+                defaults.user_timeout,
+            )?,
+        };
+        if t.user_timeout.is_some_and(|d| d < Duration::from_millis(1)) {
+            return Err(invalid("tcp-user-timeout", "must be at least 1ms"));
+        }
+        if t.keepalive_time.is_some_and(|d| d < Duration::from_secs(1)) {
+            return Err(invalid(
+                "tcp-keepalive-time",
+                "must be at least 1s (the kernel counts whole seconds)",
+            ));
+        }
+        Ok(t)
+    }
 }
 
 /// Reads the derper rate-config JSON file.
@@ -648,6 +697,7 @@ impl Settings {
                 max_connections: self.max_connections.unwrap_or(0),
                 accept_per_sec,
                 accept_burst,
+                tcp: self.tcp_timeouts()?,
             },
             shutdown,
             rate_config: self.rate_config.clone(),

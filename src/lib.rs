@@ -16,5 +16,7 @@ pub mod metrics;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod sockopt;
 pub mod stun;
 pub mod tls;
+pub mod trust;

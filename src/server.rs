@@ -182,6 +182,7 @@ impl Server {
                 hostname: config.hostname.clone(),
                 port: addr.port(),
                 ca_file: config.mesh.ca_file.clone(),
+                tcp: config.limits.tcp,
                 ..Default::default()
             };
             relay

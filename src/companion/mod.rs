@@ -73,6 +73,9 @@ pub struct CompanionConfig {
     pub verify_url: Option<UrlConfig>,
     /// The DERP map to serve at `/derpmap.json`.
     pub derp_map: Option<derpmap::DerpMap>,
+    /// An extra CA the companion's HTTPS client trusts (headscale, peers,
+    /// the verify URL), besides the system store and the web PKI roots.
+    pub headscale_ca_file: Option<PathBuf>,
 }
 
 impl Default for CompanionConfig {
@@ -87,6 +90,7 @@ impl Default for CompanionConfig {
             policy: Policy::default(),
             verify_url: None,
             derp_map: None,
+            headscale_ca_file: None,
         }
     }
 }
@@ -104,6 +108,9 @@ pub enum CompanionError {
     /// The snapshot store could not be opened or read.
     #[error("companion state: {0}")]
     Store(#[from] store::StoreError),
+    /// `--headscale-ca-file` is unusable.
+    #[error("headscale-ca-file: {0}")]
+    CaFile(#[from] crate::trust::TrustError),
 }
 
 /// A running companion.
@@ -120,26 +127,18 @@ pub struct Companion {
     refresh: Option<Arc<MissRefresh>>,
 }
 
-/// Builds the companion's HTTP client (HTTP and HTTPS with the web PKI roots).
-pub fn http_client() -> HttpClient {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let provider = rustls::crypto::CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+/// Builds the companion's HTTP client: HTTP, and HTTPS trusting the system
+/// store, the web PKI roots and `ca_file` (`--headscale-ca-file`).
+pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<HttpClient, CompanionError> {
+    let tls = crate::trust::client_config(ca_file)?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .build();
-    Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(https)
+        .build(https))
 }
 
 impl Companion {
@@ -168,7 +167,7 @@ impl Companion {
             }
             _ => None,
         };
-        let client = http_client();
+        let client = http_client(config.headscale_ca_file.as_deref())?;
         let refresh = config.headscale.as_ref().map(|_| {
             Arc::new(MissRefresh::new(
                 refresh::DEFAULT_MIN_GAP,

@@ -156,6 +156,9 @@ pub fn resolve(s: &Settings) -> Result<Option<CompanionConfig>, ConfigError> {
         (None, true) => None,
         (None, false) => Some(crate::config::default_state_dir()),
     };
+    if let Some(p) = &s.headscale_ca_file {
+        crate::trust::roots(Some(p)).map_err(|e| invalid("headscale-ca-file", e.to_string()))?;
+    }
     Ok(Some(CompanionConfig {
         headscale,
         poll_interval,
@@ -170,6 +173,7 @@ pub fn resolve(s: &Settings) -> Result<Option<CompanionConfig>, ConfigError> {
         },
         verify_url,
         derp_map,
+        headscale_ca_file: s.headscale_ca_file.clone(),
     }))
 }
 

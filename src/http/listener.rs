@@ -21,6 +21,8 @@ use crate::relay::ratelimit::TokenBucket;
 pub struct ConnLimiter {
     slots: Option<Arc<Semaphore>>,
     accept_rate: Option<Mutex<TokenBucket>>,
+    /// Keepalive and user timeout set on every accepted connection.
+    pub tcp: crate::sockopt::TcpTimeouts,
 }
 
 /// Why a connection was turned away.
@@ -57,6 +59,7 @@ impl ConnLimiter {
                     f64::from(limits.accept_burst.max(1)),
                 ))
             }),
+            tcp: limits.tcp,
         }
     }
 
@@ -112,6 +115,9 @@ pub async fn accept_loop(
         };
         metrics.connections_accepted.inc();
         let _ = stream.set_nodelay(true);
+        if let Err(e) = limiter.tcp.apply(&stream) {
+            tracing::debug!(%remote, error = %e, "setting TCP keepalive/user timeout");
+        }
         let front = front.clone();
         let tls = tls.clone();
         // One task per connection, of the exact future its transport needs

@@ -113,26 +113,12 @@ impl PeerSpec {
     }
 }
 
-/// TLS settings for mesh links: webpki roots plus an optional CA file.
+/// TLS settings for mesh links: the system store, the web PKI roots, plus
+/// an optional CA file.
 pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let certs =
-            crate::tls::certs_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
-    Ok(Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
+    crate::trust::client_config(ca_file)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// A handshaken DERP connection to a mesh peer.
@@ -150,6 +136,7 @@ pub struct Dialed {
 pub async fn dial(
     peer: &PeerSpec,
     tls: &Arc<rustls::ClientConfig>,
+    tcp_opts: &crate::sockopt::TcpTimeouts,
     key: &NodePrivate,
     mesh_key: &MeshKey,
 ) -> Result<Dialed, String> {
@@ -157,6 +144,7 @@ pub async fn dial(
         .await
         .map_err(|e| format!("connect {}: {e}", peer.dial))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp_opts.apply(&tcp).map_err(|e| e.to_string())?;
     let stream: Box<dyn Stream> = if peer.tls {
         let name = rustls::pki_types::ServerName::try_from(peer.host.clone())
             .map_err(|_| format!("{:?} is not a TLS server name", peer.host))?;

@@ -102,6 +102,8 @@ pub struct LinkCtx {
     pub mesh_key: MeshKey,
     /// TLS settings.
     pub tls: Arc<rustls::ClientConfig>,
+    /// Keepalive and user timeout of the link's TCP connection.
+    pub tcp: crate::sockopt::TcpTimeouts,
 }
 
 impl Link {
@@ -141,7 +143,7 @@ async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> Lin
         link.set(|s| s.state = LinkState::Connecting);
         let attempt = tokio::time::timeout(
             DIAL_TIMEOUT,
-            dial(&link.spec, &ctx.tls, &ctx.key, &ctx.mesh_key),
+            dial(&link.spec, &ctx.tls, &ctx.tcp, &ctx.key, &ctx.mesh_key),
         );
         let dialed = tokio::select! {
             r = attempt => r.unwrap_or_else(|_| Err("dial timed out".into())),

@@ -46,6 +46,8 @@ pub struct MeshOptions {
     pub ca_file: Option<PathBuf>,
     /// Packets queued per link before the oldest is dropped.
     pub queue_cap: usize,
+    /// Keepalive and user timeout of link connections.
+    pub tcp: crate::sockopt::TcpTimeouts,
 }
 
 impl Default for MeshOptions {
@@ -55,6 +57,7 @@ impl Default for MeshOptions {
             port: 0,
             ca_file: None,
             queue_cap: DEFAULT_LINK_QUEUE,
+            tcp: crate::sockopt::TcpTimeouts::default(),
         }
     }
 }
@@ -133,6 +136,7 @@ impl MeshHandle {
             key: mesh.key.clone(),
             mesh_key,
             tls,
+            tcp: opts.tcp,
         });
         self.stop();
         let metrics = &self.shared.registry.remote.metrics;

@@ -29,7 +29,7 @@ use instant_acme::{
 };
 use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -74,35 +74,16 @@ fn acme_err(what: &str, e: &dyn std::error::Error) -> TlsError {
     TlsError::Acme(format!("{what}: {}", error_chain(e)))
 }
 
-/// The HTTPS client for the ACME directory: webpki roots plus `ca_file`.
+/// The HTTPS client for the ACME directory: the system store, the web PKI
+/// roots, plus `ca_file`.
 fn http_client(ca_file: Option<&Path>) -> Result<HttpClient, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|source| TlsError::Read {
-            path: path.to_owned(),
+    let tls = crate::trust::client_config(ca_file).map_err(|e| match e {
+        crate::trust::TrustError::Read { path, source } => TlsError::Read {
+            path: path.into(),
             source,
-        })?;
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::Invalid(format!("{}: certificate PEM: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(TlsError::Invalid(format!(
-                "{}: no certificate in PEM",
-                path.display()
-            )));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| {
-                TlsError::Invalid(format!("{}: unusable CA certificate: {e}", path.display()))
-            })?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(super::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Invalid(format!("TLS client configuration: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        },
+        e => TlsError::Invalid(e.to_string()),
+    })?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
