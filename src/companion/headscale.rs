@@ -27,6 +27,9 @@ pub enum FetchError {
     /// Any other HTTP status.
     #[error("headscale answered HTTP {0}")]
     Status(u16),
+    /// The body is longer than the companion accepts.
+    #[error("headscale's answer is longer than {0} bytes")]
+    TooLarge(usize),
     /// The body is not a node list.
     #[error("headscale's node list could not be decoded: {0}")]
     Decode(String),
@@ -44,18 +47,20 @@ impl FetchError {
             FetchError::Unreachable(_) => "unreachable",
             FetchError::Timeout => "timeout",
             FetchError::Status(_) => "http_status",
+            FetchError::TooLarge(_) => "body_too_large",
             FetchError::Decode(_) => "decode",
             FetchError::Store(_) => "store",
         }
     }
 
     /// Every label, for pre-registering the metric.
-    pub const LABELS: [&'static str; 7] = [
+    pub const LABELS: [&'static str; 8] = [
         "auth",
         "api_key_file",
         "unreachable",
         "timeout",
         "http_status",
+        "body_too_large",
         "decode",
         "store",
     ];

@@ -12,14 +12,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::verify::{self, Answer};
 use super::{replicate, Companion};
 
-/// Paths served here.
-pub const PATHS: [&str; 5] = [
-    "/healthz",
-    "/readyz",
-    "/verify",
-    "/derpmap.json",
-    replicate::PATH,
-];
+/// Paths served here (`/readyz` is the HTTP layer's: it also reports the
+/// mesh; see [`Companion::readiness`]).
+pub const PATHS: [&str; 4] = ["/healthz", "/verify", "/derpmap.json", replicate::PATH];
 
 /// Whether `path` is a companion endpoint.
 pub fn handles(path: &str) -> bool {
@@ -43,7 +38,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// Serves a companion endpoint (`handles(path)` is true). Without a
-/// companion, `/healthz` and `/readyz` still answer; the rest is 404.
+/// companion, `/healthz` still answers; the rest is 404.
 pub async fn serve<B>(companion: Option<&Arc<Companion>>, req: Request<B>) -> Response<Full<Bytes>>
 where
     B: hyper::body::Body + Send,
@@ -53,17 +48,7 @@ where
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     match (path.as_str(), companion) {
         ("/healthz", _) if get => text(StatusCode::OK, "ok\n"),
-        ("/readyz", c) if get => {
-            if c.is_none_or(|c| c.is_ready()) {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no headscale snapshot loaded yet\n",
-                )
-            }
-        }
-        ("/healthz" | "/readyz", _) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        ("/healthz", _) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         ("/verify", Some(c)) if c.config.keeps_cache() => verify_endpoint(c, req).await,
         ("/derpmap.json", Some(c)) if c.derp_map_json.is_some() => {
             if !get {

@@ -268,6 +268,30 @@ impl Companion {
         !self.config.verify_clients || self.cache.view().is_some()
     }
 
+    /// What `/readyz` says about the companion: whether it is ready, and
+    /// one line each on headscale and the cache.
+    pub fn readiness(&self) -> (bool, Vec<String>) {
+        let mut lines = Vec::new();
+        if let Some(hs) = &self.config.headscale {
+            let state = match &self.refresh {
+                Some(r) if !r.is_healthy() => "failing (serving the cached snapshot)",
+                _ => "ok",
+            };
+            lines.push(format!("headscale {}: last sync {state}", hs.url));
+        }
+        if self.config.keeps_cache() {
+            lines.push(match self.cache.view() {
+                Some(v) => format!(
+                    "cache: {} nodes, fetched {:.1}s ago",
+                    v.len(),
+                    (model::now_ms() - v.snapshot.fetched_at_ms as i64).max(0) as f64 / 1000.0
+                ),
+                None => "cache: no headscale snapshot loaded yet".to_owned(),
+            });
+        }
+        (self.is_ready(), lines)
+    }
+
     /// Persists `snap` and installs it if it is newer than the cached one.
     /// Returns whether it was installed.
     pub async fn install(&self, snap: Snapshot) -> Result<bool, FetchError> {

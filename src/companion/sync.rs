@@ -103,7 +103,15 @@ pub async fn fetch_nodes(
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| FetchError::Unreachable(format!("reading the body: {e}")))?
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    FetchError::TooLarge(MAX_BODY)
+                } else {
+                    FetchError::Unreachable(format!("reading the body: {e}"))
+                }
+            })?
             .to_bytes();
         Ok::<_, FetchError>((status, body))
     };
@@ -124,38 +132,51 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// How a failed sync is reported: one line per kind of outage, so an
+/// operator can tell an unreachable headscale from a refused API key from
+/// an answer that is not a node list.
+fn outage_kind(e: &FetchError) -> &'static str {
+    match e {
+        FetchError::Auth(_) | FetchError::KeyFile(_) => "auth",
+        FetchError::Unreachable(_) | FetchError::Timeout => "unreachable",
+        FetchError::Status(_) => "http_status",
+        FetchError::Decode(_) | FetchError::TooLarge(_) => "decode",
+        FetchError::Store(_) => "store",
+    }
+}
+
 /// Keeps the cache fresh until `shutdown`.
 pub async fn run(c: Arc<Companion>, shutdown: CancellationToken) {
     let poll = c.config.poll_interval;
     let mut failures: u32 = 0;
-    let mut auth_reported = false;
+    // The kind of outage last reported (None: healthy, or nothing said).
+    let mut reported: Option<&'static str> = None;
     loop {
         let attempt = async {
             match &c.config.headscale {
                 Some(_) => match c.sync_once(SyncCause::Poll).await {
                     Ok(n) => {
-                        if failures > 0 || auth_reported {
-                            tracing::info!(nodes = n, "headscale sync recovered");
+                        if let Some(kind) = reported.take() {
+                            tracing::warn!(
+                                nodes = n,
+                                after = kind,
+                                failures,
+                                "headscale sync recovered"
+                            );
                         }
-                        auth_reported = false;
                         true
                     }
                     Err(e) => {
-                        match &e {
-                            FetchError::Auth(_) | FetchError::KeyFile(_) => {
-                                // A configuration error: say it loudly, once per episode.
-                                if !auth_reported {
-                                    tracing::error!(error = %e, "headscale sync failed: fix the API key; serving the cached snapshot meanwhile");
-                                    auth_reported = true;
-                                }
-                            }
-                            _ if failures == 0 => {
-                                tracing::warn!(error = %e, "headscale sync failed; serving the cached snapshot")
-                            }
-                            _ => {
-                                tracing::debug!(error = %e, failures, "headscale sync failed again")
-                            }
+                        let kind = outage_kind(&e);
+                        if reported == Some(kind) {
+                            tracing::debug!(error = %e, failures, "headscale sync failed again");
+                        } else if kind == "auth" {
+                            // A configuration error, not an outage: say it loudly.
+                            tracing::error!(kind, error = %e, "headscale sync failing: fix the API key; serving the cached snapshot meanwhile");
+                        } else {
+                            tracing::warn!(kind, error = %e, "headscale sync failing; serving the cached snapshot meanwhile");
                         }
+                        reported = Some(kind);
                         false
                     }
                 },

@@ -7,6 +7,7 @@ pub mod head;
 pub mod listener;
 pub mod port80;
 pub mod prefixed;
+pub mod readiness;
 pub mod routes;
 pub mod websocket;
 

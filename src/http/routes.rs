@@ -74,6 +74,9 @@ pub async fn handle(
 }
 
 async fn route(front: &Front, remote: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() == "/readyz" {
+        return readyz(front, &req);
+    }
     if crate::companion::http::handles(req.uri().path()) {
         return crate::companion::http::serve(front.relay.companion(), req).await;
     }
@@ -97,6 +100,25 @@ async fn route(front: &Front, remote: SocketAddr, mut req: Request<Incoming>) ->
         "/" | "/robots.txt" => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `/readyz`: 200 or 503 by [`super::readiness`]'s rules, with details.
+fn readyz<B>(front: &Front, req: &Request<B>) -> Response<Body> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let companion = front.relay.companion().map(|c| c.readiness());
+    let links = front.relay.mesh().link_summaries();
+    let (ready, body) = super::readiness::report(companion, &links);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    if !ready {
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
 
 /// `204 No Content` for captive-portal checks, answering a valid

@@ -139,6 +139,10 @@ async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> Lin
     let reconnects = m.link_reconnects.with_label_values(&[&link.spec.name]);
     let cancel = &link.cancel;
     let mut failures = 0u32;
+    // The failure last logged at WARN while the link is down ("recovered"
+    // is then owed): an operator sees a line when the link goes down or
+    // its reason changes, not one per retry.
+    let mut outage: Option<String> = None;
     loop {
         link.set(|s| s.state = LinkState::Connecting);
         let attempt = tokio::time::timeout(
@@ -169,7 +173,11 @@ async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> Lin
                     reconnects.inc();
                 }
                 up.set(1);
-                tracing::info!(peer = %link.spec.name, key = %peer_key, "mesh link up");
+                if outage.take().is_some() {
+                    tracing::warn!(peer = %link.spec.name, key = %peer_key, "mesh link recovered");
+                } else {
+                    tracing::info!(peer = %link.spec.name, key = %peer_key, "mesh link up");
+                }
                 let started = Instant::now();
                 let e = connected(shared, link, d).await;
                 up.set(0);
@@ -179,14 +187,20 @@ async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> Lin
                 if cancel.is_cancelled() {
                     return LinkState::Stopped;
                 }
-                tracing::warn!(peer = %link.spec.name, error = %e, dropped, "mesh link down");
+                tracing::warn!(peer = %link.spec.name, error = %e, dropped, "mesh link down; redialing");
+                outage = Some(e.clone());
                 if started.elapsed() >= STABLE {
                     failures = 0;
                 }
                 e
             }
             Err(e) => {
-                tracing::debug!(peer = %link.spec.name, error = %e, "mesh dial failed");
+                if outage.as_ref() == Some(&e) {
+                    tracing::debug!(peer = %link.spec.name, error = %e, "mesh dial failed again");
+                } else {
+                    tracing::warn!(peer = %link.spec.name, error = %e, "mesh link down: cannot connect; retrying, quietly while the reason stays the same");
+                    outage = Some(e.clone());
+                }
                 e
             }
         };

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 pub use dial::PeerSpec;
-use link::{Link, LinkCtx, LinkState, LinkStatus};
+pub use link::LinkState;
+use link::{Link, LinkCtx, LinkStatus};
 use queue::ForwardQueue;
 pub use table::RemoteTable;
 
@@ -191,6 +192,20 @@ impl MeshHandle {
             .iter()
             .filter(|l| l.status.lock().state == LinkState::Up)
             .count()
+    }
+
+    /// Each link's peer, state and most recent failure, for `/readyz`.
+    pub fn link_summaries(&self) -> Vec<(String, LinkState, Option<String>)> {
+        self.shared
+            .mesh
+            .links
+            .lock()
+            .iter()
+            .map(|l| {
+                let s = l.status.lock();
+                (l.spec.name.clone(), s.state, s.last_error.clone())
+            })
+            .collect()
     }
 
     /// Keys known through mesh peers.
