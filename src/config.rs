@@ -177,6 +177,16 @@ pub struct Settings {
     /// surrounding whitespace is ignored). Re-read on every sync.
     #[arg(long)]
     pub headscale_api_key_file: Option<PathBuf>,
+    /// Largest fraction of the cached nodes one headscale answer may remove
+    /// at once; a sharper shrink (or one to zero) is applied only after it
+    /// was seen on several syncs over `headscale-shrink-confirm`. 1 turns
+    /// the guard off. Default 0.5.
+    #[arg(long)]
+    pub headscale_max_shrink: Option<f64>,
+    /// How long a sharp shrink must persist before it is applied. Default
+    /// 1m.
+    #[arg(long)]
+    pub headscale_shrink_confirm: Option<String>,
     /// PEM file of CA certificates the companion's HTTPS client trusts
     /// (headscale, peer relays, the verify URL) besides the system store.
     #[arg(long)]

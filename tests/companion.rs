@@ -142,6 +142,8 @@ struct HsState {
     nodes: parking_lot::Mutex<Vec<HsNode>>,
     v026: std::sync::atomic::AtomicBool,
     list_requests: std::sync::atomic::AtomicUsize,
+    /// When set, the node list is answered with exactly this body.
+    raw_body: parking_lot::Mutex<Option<&'static str>>,
 }
 
 /// headscale's `GET /api/v1/node` with headscale's auth behaviour: no or
@@ -190,6 +192,12 @@ async fn headscale_answer(
     state
         .list_requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(raw) = *state.raw_body.lock() {
+        let mut r = Response::new(Full::new(Bytes::from_static(raw.as_bytes())).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return r;
+    }
     let nodes = state.nodes.lock().clone();
     let body = if state.v026.load(std::sync::atomic::Ordering::Relaxed) {
         json!({ "nodes": nodes.iter().map(v026_node).collect::<Vec<_>>() })
@@ -219,6 +227,7 @@ impl Headscale {
             nodes: parking_lot::Mutex::new(nodes),
             v026: Default::default(),
             list_requests: Default::default(),
+            raw_body: Default::default(),
         });
         let mut hs = Headscale {
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -1276,5 +1285,73 @@ async fn verify_admits_a_node_registered_after_the_last_poll() {
     )
     .await;
     assert_eq!((st, &body[..]), (200, &b"{\"Allow\":false}\n"[..]));
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Garbage from headscale never wipes the cache.
+
+#[tokio::test]
+async fn garbage_answers_keep_the_cache_and_a_sharp_shrink_waits_for_confirmation() {
+    let nodes: Vec<HsNode> = (1..=4).map(|i| HsNode::new(i, "alice")).collect();
+    let hs = Headscale::start(nodes.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = companion_config(&hs, dir.path(), API_KEY);
+    cfg.poll_interval = Duration::from_millis(100);
+    cfg.shrink.confirm_after = Duration::from_secs(2);
+    let server = relay(cfg, None).await;
+    assert!(wait_until(ARRIVES, || async { cached_nodes(&server) == Some(4) }).await);
+    let m = |s: &str| metric(&server, s);
+
+    // Answers that parse as JSON but hold no usable node list.
+    for garbage in [
+        "[]",
+        "{}",
+        r#"{"nodes":[{}]}"#,
+        r#"{"nodes":[{"nodeKey":"nodekey:zz"}]}"#,
+    ] {
+        let before = m("derpd_companion_sync_failures_total{reason=\"decode\"}");
+        *hs.state.raw_body.lock() = Some(garbage);
+        // Failures back off (100 ms doubling), so allow for it.
+        assert!(
+            wait_until(Duration::from_secs(15), || async {
+                m("derpd_companion_sync_failures_total{reason=\"decode\"}") > before
+            })
+            .await,
+            "{garbage} is counted as a decode failure"
+        );
+        assert_eq!(
+            cached_nodes(&server),
+            Some(4),
+            "{garbage} changed the cache"
+        );
+        assert!(admitted(&server, &nodes[0].keys).await);
+    }
+
+    // An empty list is well-formed, but would lock everyone out: held.
+    *hs.state.raw_body.lock() = None;
+    hs.set_nodes(vec![]);
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            m("derpd_companion_shrink_held_total") >= 2.0
+        })
+        .await
+    );
+    assert_eq!(m("derpd_companion_shrink_holding"), 1.0);
+    assert_eq!(cached_nodes(&server), Some(4));
+    assert!(
+        admitted(&server, &nodes[1].keys).await,
+        "known nodes still admitted"
+    );
+    // Seen consistently past the confirmation window: applied.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            cached_nodes(&server) == Some(0)
+        })
+        .await,
+        "a confirmed shrink is applied"
+    );
+    assert_eq!(m("derpd_companion_shrink_holding"), 0.0);
+    assert!(!admitted(&server, &nodes[1].keys).await);
     server.shutdown().await;
 }

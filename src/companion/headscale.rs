@@ -82,14 +82,12 @@ pub fn classify(status: u16, body: &[u8]) -> Result<ParsedList, FetchError> {
 pub struct ParsedList {
     /// Nodes that could be cached.
     pub nodes: Vec<Node>,
-    /// Entries skipped (no or malformed `nodeKey`).
-    pub skipped: usize,
 }
 
 #[derive(Deserialize)]
 struct ListNodes {
-    #[serde(default)]
-    nodes: Option<Vec<ApiNode>>,
+    /// headscale always writes the list, `[]` when empty.
+    nodes: Vec<ApiNode>,
 }
 
 #[derive(Deserialize)]
@@ -126,18 +124,24 @@ struct ApiUser {
     name: Option<String>,
 }
 
-/// Parses the body of `GET /api/v1/node`.
+/// Parses the body of `GET /api/v1/node`: a JSON object whose `nodes` is
+/// a list of nodes, every one with a valid `nodeKey`. Anything else (an
+/// array, an object without `nodes`, a node without a usable key) is a
+/// decode failure as a whole, so a broken answer never replaces a good
+/// cache.
 pub fn parse_node_list(body: &[u8]) -> Result<ParsedList, FetchError> {
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(FetchError::Decode("the answer is not a JSON object".into()));
+    }
     let list: ListNodes =
         serde_json::from_slice(body).map_err(|e| FetchError::Decode(e.to_string()))?;
     let mut out = ParsedList {
-        nodes: Vec::new(),
-        skipped: 0,
+        nodes: Vec::with_capacity(list.nodes.len()),
     };
-    for n in list.nodes.unwrap_or_default() {
+    for (i, n) in list.nodes.into_iter().enumerate() {
         match convert(n) {
             Some(node) => out.nodes.push(node),
-            None => out.skipped += 1,
+            None => return Err(FetchError::Decode(format!("node {i} has no valid nodeKey"))),
         }
     }
     Ok(out)
@@ -202,7 +206,6 @@ mod tests {
     #[test]
     fn v026_shape() {
         let p = parse_node_list(V026.as_bytes()).unwrap();
-        assert_eq!(p.skipped, 0);
         assert_eq!(p.nodes.len(), 2);
         let a = &p.nodes[0];
         assert_eq!(a.id, 1);
@@ -215,22 +218,39 @@ mod tests {
 
     #[test]
     fn v029_shape_with_null_user_and_tags() {
-        let body = r#"{"nodes":[{"id":"7","nodeKey":"nodekey:0f815a239609179f6571d60fe2aea779897d8e52dbc1f39321f89f0a189dff65","givenName":"node-b","name":"node-b","user":null,"tags":["tag:initial"],"expiry":"2020-01-01T00:00:00.123456789Z","somethingNew":{"x":1}},
-            {"id":"8","nodeKey":"<secret>"},{"id":"9"}]}"#;
+        let body = r#"{"nodes":[{"id":"7","nodeKey":"nodekey:0f815a239609179f6571d60fe2aea779897d8e52dbc1f39321f89f0a189dff65","givenName":"node-b","name":"node-b","user":null,"tags":["tag:initial"],"expiry":"2020-01-01T00:00:00.123456789Z","somethingNew":{"x":1}}]}"#;
         let p = parse_node_list(body.as_bytes()).unwrap();
         assert_eq!(p.nodes.len(), 1);
-        assert_eq!(p.skipped, 2);
         let n = &p.nodes[0];
         assert_eq!(
             (n.id, n.user.clone(), n.tags.clone()),
             (7, None, vec!["tag:initial".to_string()])
         );
         assert_eq!(n.expiry_ms, Some(1_577_836_800_123));
-        assert!(parse_node_list(b"{}").unwrap().nodes.is_empty());
         assert!(parse_node_list(br#"{"nodes":[]}"#)
             .unwrap()
             .nodes
             .is_empty());
+    }
+
+    #[test]
+    fn answers_without_usable_nodes_are_decode_failures() {
+        let good = r#"{"id":"7","nodeKey":"nodekey:0f815a239609179f6571d60fe2aea779897d8e52dbc1f39321f89f0a189dff65"}"#;
+        for body in [
+            "[]".to_owned(),
+            "{}".to_owned(),
+            "null".to_owned(),
+            r#"{"nodes":null}"#.to_owned(),
+            r#"{"nodes":[{}]}"#.to_owned(),
+            r#"{"nodes":[{"nodeKey":"nodekey:zz"}]}"#.to_owned(),
+            r#"{"nodes":[{"nodeKey":"<secret>"}]}"#.to_owned(),
+            format!(r#"{{"nodes":[{good},{{"id":"9"}}]}}"#),
+        ] {
+            assert!(
+                matches!(parse_node_list(body.as_bytes()), Err(FetchError::Decode(_))),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct CompanionMetrics {
     verify_requests: IntCounterVec,
     refreshes: IntCounterVec,
     misses: IntCounterVec,
+    shrinks_held: IntCounter,
+    shrink_holding: prometheus::IntGauge,
 }
 
 fn vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -83,6 +85,20 @@ impl CompanionMetrics {
         for result in ["admitted", "refused"] {
             misses.with_label_values(&[result]);
         }
+        let shrinks_held = IntCounter::new(
+            "derpd_companion_shrink_held_total",
+            "headscale answers not applied because they would shrink the cache sharply (held until confirmed).",
+        )
+        .expect("valid metric");
+        r.register(Box::new(shrinks_held.clone()))
+            .expect("unique metric");
+        let shrink_holding = prometheus::IntGauge::new(
+            "derpd_companion_shrink_holding",
+            "1 while a sharply shrunk node list from headscale is held back awaiting confirmation.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(shrink_holding.clone()))
+            .expect("unique metric");
         let (c1, c2) = (cache.clone(), cache);
         for m in [
             CallbackMetric::new(
@@ -111,7 +127,19 @@ impl CompanionMetrics {
             verify_requests,
             refreshes,
             misses,
+            shrinks_held,
+            shrink_holding,
         }
+    }
+
+    /// Counts a held shrink.
+    pub fn shrink_held(&self) {
+        self.shrinks_held.inc();
+    }
+
+    /// Whether a shrink is being held now.
+    pub fn shrink_holding(&self, holding: bool) {
+        self.shrink_holding.set(i64::from(holding));
     }
 
     /// Counts a node-list fetch and its cause.

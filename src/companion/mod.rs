@@ -17,6 +17,7 @@ pub mod model;
 pub mod refresh;
 pub mod replicate;
 pub mod settings;
+pub mod shrink;
 pub mod store;
 pub mod sync;
 pub mod verify;
@@ -76,6 +77,8 @@ pub struct CompanionConfig {
     /// An extra CA the companion's HTTPS client trusts (headscale, peers,
     /// the verify URL), besides the system store and the web PKI roots.
     pub headscale_ca_file: Option<PathBuf>,
+    /// When a node list that would shrink the cache sharply is applied.
+    pub shrink: shrink::ShrinkPolicy,
 }
 
 impl Default for CompanionConfig {
@@ -91,6 +94,7 @@ impl Default for CompanionConfig {
             verify_url: None,
             derp_map: None,
             headscale_ca_file: None,
+            shrink: shrink::ShrinkPolicy::default(),
         }
     }
 }
@@ -125,6 +129,8 @@ pub struct Companion {
     admission: Option<Arc<dyn Admission>>,
     /// Refresh-on-miss (present when headscale is configured).
     refresh: Option<Arc<MissRefresh>>,
+    /// Holds back answers that would empty the cache.
+    shrink: parking_lot::Mutex<shrink::ShrinkGuard>,
 }
 
 /// Builds the companion's HTTP client: HTTP, and HTTPS trusting the system
@@ -195,6 +201,7 @@ impl Companion {
             1 => checks.pop(),
             _ => Some(Arc::new(Chain(checks))),
         };
+        let shrink = parking_lot::Mutex::new(shrink::ShrinkGuard::new(config.shrink));
         Ok(Arc::new(Companion {
             derp_map_json: config.derp_map.as_ref().map(|m| Bytes::from(m.to_json())),
             config,
@@ -205,6 +212,7 @@ impl Companion {
             client,
             admission,
             refresh,
+            shrink,
         }))
     }
 
@@ -322,13 +330,30 @@ impl Companion {
             let key = sync::read_api_key(&hs.api_key_file)?;
             let list =
                 sync::fetch_nodes(&self.client, &hs.url, &key, self.config.request_timeout).await?;
-            if list.skipped > 0 {
-                tracing::warn!(
-                    skipped = list.skipped,
-                    "headscale nodes without a usable nodeKey were skipped"
-                );
-            }
             let n = list.nodes.len();
+            let cached = self.cache.view().map_or(0, |v| v.len());
+            let verdict = self.shrink.lock().judge(cached, n, std::time::Instant::now());
+            self.metrics.shrink_holding(self.shrink.lock().holding());
+            match verdict {
+                shrink::Verdict::Hold { seen, since } => {
+                    self.metrics.shrink_held();
+                    if seen == 1 {
+                        tracing::warn!(
+                            cached,
+                            answered = n,
+                            "headscale's node list would shrink the cache sharply; keeping the cached nodes until the shrink is confirmed over several syncs"
+                        );
+                    } else {
+                        tracing::debug!(cached, answered = n, seen, ?since, "shrink still held");
+                    }
+                    return Ok(cached);
+                }
+                // Applied although sharp: the shrink was confirmed.
+                shrink::Verdict::Apply if self.shrink.lock().is_sharp(cached, n) => {
+                    tracing::warn!(cached, answered = n, "headscale's shrunk node list was confirmed; applying it");
+                }
+                shrink::Verdict::Apply => {}
+            }
             let snap = Snapshot::new(list.nodes, model::now_ms().max(0) as u64);
             self.install(snap).await?;
             Ok(n)

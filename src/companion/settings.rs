@@ -156,6 +156,19 @@ pub fn resolve(s: &Settings) -> Result<Option<CompanionConfig>, ConfigError> {
         (None, true) => None,
         (None, false) => Some(crate::config::default_state_dir()),
     };
+    let mut shrink = super::shrink::ShrinkPolicy::default();
+    if let Some(f) = s.headscale_max_shrink {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(invalid(
+                "headscale-max-shrink",
+                format!("{f} must be a fraction from 0 to 1 (1 turns the guard off)"),
+            ));
+        }
+        shrink.max_fraction = f;
+    }
+    if let Some(d) = &s.headscale_shrink_confirm {
+        shrink.confirm_after = parse_duration("headscale-shrink-confirm", d)?;
+    }
     if let Some(p) = &s.headscale_ca_file {
         crate::trust::roots(Some(p)).map_err(|e| invalid("headscale-ca-file", e.to_string()))?;
     }
@@ -174,6 +187,7 @@ pub fn resolve(s: &Settings) -> Result<Option<CompanionConfig>, ConfigError> {
         verify_url,
         derp_map,
         headscale_ca_file: s.headscale_ca_file.clone(),
+        shrink,
     }))
 }
 
