@@ -131,6 +131,10 @@ pub struct Settings {
     /// default: idle Tailscale clients legitimately send nothing).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// Close clients that start a frame and do not finish it within this; 0
+    /// disables. Default 30s.
+    #[arg(long)]
+    pub frame_timeout: Option<String>,
     /// Packets queued per destination (regular and disco each). Default 32.
     #[arg(long)]
     pub queue_depth: Option<usize>,
@@ -663,6 +667,7 @@ impl Settings {
             return Err(invalid("handshake-timeout", "must be greater than 0"));
         }
         let idle_timeout = dur("idle-timeout", &self.idle_timeout, "0")?;
+        let frame_timeout = dur("frame-timeout", &self.frame_timeout, "30s")?;
         let queue_depth = self.queue_depth.unwrap_or(32);
         if !(1..=65_536).contains(&queue_depth) {
             return Err(invalid("queue-depth", "must be between 1 and 65536"));
@@ -699,6 +704,7 @@ impl Settings {
                 write_timeout: (!write_timeout.is_zero()).then_some(write_timeout),
                 handshake_timeout,
                 idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+                frame_timeout: (!frame_timeout.is_zero()).then_some(frame_timeout),
                 client_rate,
                 ..RelayConfig::default()
             },

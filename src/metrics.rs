@@ -110,6 +110,8 @@ pub struct Metrics {
     pub unknown_frames: IntCounter,
     /// Writers that ended on the write timeout.
     pub write_timeouts: IntCounter,
+    /// Readers that ended because a frame was not completed in time.
+    pub frame_timeouts: IntCounter,
     /// Mesh watchers subscribed.
     pub watchers: IntGauge,
     /// Packets forwarded to mesh peers.
@@ -314,6 +316,11 @@ impl Metrics {
                 &r,
                 "derp_write_timeouts_total",
                 "Client connections closed because a write did not finish in time.",
+            ),
+            frame_timeouts: counter(
+                &r,
+                "derp_frame_timeouts_total",
+                "Client connections closed because a frame they started was not completed within the frame timeout.",
             ),
             watchers: gauge(
                 &r,

@@ -11,57 +11,13 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::proc_net::{row, tcp_rows};
 use common::*;
 use derpd::mesh::{MeshOptions, PeerSpec};
 use derpd::proto::{MeshKey, NodePrivate};
 use derpd::server::{Server, ServerConfig};
 use derpd::sockopt::TcpTimeouts;
 use socket2::SockRef;
-
-/// One row of `/proc/net/tcp` (IPv4).
-struct TcpRow {
-    local: SocketAddr,
-    remote: SocketAddr,
-    /// Which timer runs: 0 none, 1 retransmit, 2 keepalive, 4 zero-window.
-    timer: u8,
-    /// Clock ticks until it fires.
-    when_ticks: u64,
-    inode: u64,
-}
-
-fn parse_addr(hex: &str) -> SocketAddr {
-    let (ip, port) = hex.split_once(':').unwrap();
-    let ip = u32::from_str_radix(ip, 16).unwrap();
-    let ip = std::net::Ipv4Addr::from(ip.to_le_bytes());
-    SocketAddr::new(ip.into(), u16::from_str_radix(port, 16).unwrap())
-}
-
-fn tcp_rows() -> Vec<TcpRow> {
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (timer, when) = f[5].split_once(':').unwrap();
-            TcpRow {
-                local: parse_addr(f[1]),
-                remote: parse_addr(f[2]),
-                timer: u8::from_str_radix(timer, 16).unwrap(),
-                when_ticks: u64::from_str_radix(when, 16).unwrap(),
-                inode: f[9].parse().unwrap(),
-            }
-        })
-        .collect()
-}
-
-/// The row of the connection from `local` to `remote`.
-fn row(local: SocketAddr, remote: SocketAddr) -> TcpRow {
-    tcp_rows()
-        .into_iter()
-        .find(|r| r.local == local && r.remote == remote)
-        .unwrap_or_else(|| panic!("no socket {local} -> {remote} in /proc/net/tcp"))
-}
 
 /// This process's file descriptor of the socket with `inode`.
 fn fd_of_inode(inode: u64) -> RawFd {

@@ -97,6 +97,8 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Writer: AsyncWrite + Unpin + Send + 'static;
     /// Splits the stream.
     fn split_rw(self) -> (Self::Reader, Self::Writer);
+    /// The underlying TCP socket, if there is one.
+    fn tcp_fd(&self) -> Option<std::os::fd::RawFd>;
 }
 
 impl Transport for TcpStream {
@@ -105,15 +107,21 @@ impl Transport for TcpStream {
     fn split_rw(self) -> (Self::Reader, Self::Writer) {
         self.into_split()
     }
+    fn tcp_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport
+impl<S: AsyncRead + AsyncWrite + std::os::fd::AsRawFd + Unpin + Send + 'static> Transport
     for Box<tokio_rustls::server::TlsStream<S>>
 {
     type Reader = tokio::io::ReadHalf<Self>;
     type Writer = tokio::io::WriteHalf<Self>;
     fn split_rw(self) -> (Self::Reader, Self::Writer) {
         tokio::io::split(self)
+    }
+    fn tcp_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.get_ref().0.as_raw_fd())
     }
 }
 
@@ -154,6 +162,7 @@ pub async fn serve_stream<S: Transport>(
         let opts = AcceptOptions {
             preamble,
             not_ideal: head.ideal_node,
+            tcp_fd: stream.tcp_fd(),
         };
         let (r, w) = stream.split_rw();
         front.relay.serve_conn(r, w, buf, remote, opts).await;

@@ -195,9 +195,11 @@ fn derp_upgrade(front: &Front, remote: SocketAddr, req: &mut Request<Incoming>) 
         match on_upgrade.await {
             Ok(upgraded) => {
                 let (r, w) = tokio::io::split(TokioIo::new(upgraded));
+                // hyper owns the socket here: no abortive close on a cut.
                 let opts = AcceptOptions {
                     preamble: Bytes::new(),
                     not_ideal,
+                    tcp_fd: None,
                 };
                 relay.serve_conn(r, w, BytesMut::new(), remote, opts).await;
             }

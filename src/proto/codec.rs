@@ -114,6 +114,9 @@ pub enum FrameError {
 pub struct FrameDecoder {
     role: Role,
     mesh_frames_allowed: bool,
+    /// Server role: ClientInfo was already received, so another one is
+    /// skipped like any frame the server does not act on.
+    handshake_done: bool,
     /// Bytes of an ignored frame's body still to discard.
     skip: usize,
 }
@@ -124,8 +127,22 @@ impl FrameDecoder {
         FrameDecoder {
             role,
             mesh_frames_allowed: true,
+            handshake_done: false,
             skip: 0,
         }
+    }
+
+    /// Server role: the handshake is over; a later ClientInfo frame is
+    /// skipped (whatever its length), as Tailscale's relay does.
+    pub fn handshake_done(&mut self) {
+        self.handshake_done = true;
+    }
+
+    /// Whether a frame has started but not finished: part of it is in
+    /// `buf` (what [`FrameDecoder::decode`] left there), or the rest of a
+    /// skipped frame's body is still to come.
+    pub fn mid_frame(&self, buf: &BytesMut) -> bool {
+        self.skip > 0 || !buf.is_empty()
     }
 
     /// Server role: whether mesh-only frames are accepted (the client
@@ -188,10 +205,10 @@ impl FrameDecoder {
     fn parses(&self, t: FrameType) -> bool {
         use FrameType::*;
         match self.role {
+            Role::Server if t == ClientInfo => !self.handshake_done,
             Role::Server => matches!(
                 t,
-                ClientInfo
-                    | SendPacket
+                SendPacket
                     | NotePreferred
                     | ForwardPacket
                     | WatchConns

@@ -53,6 +53,9 @@ pub struct RelayConfig {
     pub mesh_control_queue_cap: usize,
     /// Close clients that send nothing for this long (`None` = never).
     pub idle_timeout: Option<Duration>,
+    /// Close clients that start a frame and do not finish it within this
+    /// (`None` = never). Quiet clients between frames are not affected.
+    pub frame_timeout: Option<Duration>,
     /// Per-client receive limit (mesh peers are exempt).
     pub client_rate: ClientRateLimit,
 }
@@ -69,6 +72,7 @@ impl Default for RelayConfig {
             control_queue_cap: 1024,
             mesh_control_queue_cap: 1 << 18,
             idle_timeout: None,
+            frame_timeout: Some(Duration::from_secs(30)),
             client_rate: ClientRateLimit::default(),
         }
     }
@@ -124,6 +128,11 @@ pub struct AcceptOptions {
     pub preamble: Bytes,
     /// The client sent an `Ideal-Node` header.
     pub not_ideal: bool,
+    /// The connection's TCP socket, when the caller has it: a client cut
+    /// off for not reading is then closed abortively (RST), so the kernel
+    /// frees its unsent data at once. Must stay open for the whole
+    /// [`Relay::serve_conn`] call (the read and write halves own it).
+    pub tcp_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Why a connection ended before or during its life as a client.
@@ -337,7 +346,13 @@ impl Relay {
         shared.registry.register(conn.clone());
         tracing::debug!(%remote, key = %client_key, can_mesh, conn = conn.id, "client connected");
 
-        let writer = tokio::spawn(writer::run(w, conn.clone(), shared.clone(), server_info));
+        let writer = tokio::spawn(writer::run(
+            w,
+            conn.clone(),
+            shared.clone(),
+            server_info,
+            opts.tcp_fd,
+        ));
         let mut reader = Reader::new(conn.clone(), shared.clone());
         let end = reader.run(&mut r, buf).await;
         conn.cancel.cancel();

@@ -93,6 +93,9 @@ pub enum ReaderEnd {
     /// Nothing arrived within the idle timeout.
     #[error("idle timeout")]
     Idle,
+    /// A frame started but did not finish within the frame timeout.
+    #[error("frame not completed within the frame timeout")]
+    FrameTimeout,
 }
 
 /// Per-reader state.
@@ -122,6 +125,7 @@ impl Reader {
     pub fn new(conn: Arc<ClientConn>, shared: Arc<Shared>) -> Reader {
         let mut decoder = FrameDecoder::new(Role::Server);
         decoder.allow_mesh_frames(conn.can_mesh);
+        decoder.handshake_done();
         Reader {
             conn,
             shared,
@@ -142,10 +146,24 @@ impl Reader {
         let mut limiter: Option<TokenBucket> = None;
         let mut rate_generation = u64::MAX;
         let mut last_read = 0usize;
+        // When the frame now in progress must be complete.
+        let mut frame_deadline: Option<tokio::time::Instant> = None;
         loop {
             if let Err(e) = self.drain(&mut buf) {
                 return e;
             }
+            frame_deadline = match (self.decoder.mid_frame(&buf), self.shared.config.frame_timeout) {
+                (true, Some(t)) => Some(frame_deadline.unwrap_or_else(|| tokio::time::Instant::now() + t)),
+                _ => None,
+            };
+            // Never fires while no frame is in progress.
+            let frame_timer = async {
+                match frame_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(frame_timer);
             if !self.conn.can_mesh {
                 if self.shared.client_rate_generation() != rate_generation {
                     let (rate, g) = self.shared.client_rate();
@@ -188,6 +206,7 @@ impl Reader {
                     };
                     let ready = tokio::select! {
                         r = ready => r,
+                        _ = &mut frame_timer => return self.frame_timed_out(),
                         _ = cancel.cancelled() => return ReaderEnd::Closed,
                     };
                     match ready {
@@ -217,6 +236,7 @@ impl Reader {
             };
             let n = tokio::select! {
                 r = read => r,
+                _ = &mut frame_timer => return self.frame_timed_out(),
                 _ = cancel.cancelled() => return ReaderEnd::Closed,
             };
             match n {
@@ -233,6 +253,11 @@ impl Reader {
                 Err(e) => return ReaderEnd::Io(e),
             }
         }
+    }
+
+    fn frame_timed_out(&self) -> ReaderEnd {
+        self.shared.metrics.frame_timeouts.inc();
+        ReaderEnd::FrameTimeout
     }
 
     /// Handles every complete frame in `buf`.

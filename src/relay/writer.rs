@@ -40,6 +40,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
     first: Bytes,
+    tcp_fd: Option<std::os::fd::RawFd>,
 ) -> WriterEnd {
     let write_timeout = if conn.can_mesh {
         shared.config.mesh_write_timeout
@@ -47,10 +48,21 @@ pub async fn run<W: AsyncWrite + Unpin>(
         shared.config.write_timeout
     };
     let end = writer_loop(&mut w, &conn, &shared, first, write_timeout).await;
+    conn.cancel.cancel();
     if let WriterEnd::Timeout = end {
         shared.metrics.write_timeouts.inc();
+        // The client stopped reading: a graceful close would leave its
+        // unsent data (up to the socket buffer) queued in the kernel for as
+        // long as it keeps acknowledging zero-window probes. Linger 0 makes
+        // the close a reset that frees it at once.
+        if let Some(fd) = tcp_fd {
+            // SAFETY: `AcceptOptions::tcp_fd` is open while the connection's
+            // halves live, and `w` is one of them.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+        }
+        return end;
     }
-    conn.cancel.cancel();
     let _ = timeout(Duration::from_secs(1), w.shutdown()).await;
     end
 }

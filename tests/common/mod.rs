@@ -2,6 +2,8 @@
 //! Tailscale's own `ts_derp` client to it.
 #![allow(dead_code)]
 
+pub mod proc_net;
+
 use std::time::Duration;
 
 use derpd::proto::{MeshKey, NodePrivate, NodePublic};
