@@ -138,6 +138,10 @@ pub struct Settings {
     /// Packets queued per destination (regular and disco each). Default 32.
     #[arg(long)]
     pub queue_depth: Option<usize>,
+    /// Listen backlog of the DERP and plain-HTTP listeners (capped by the
+    /// kernel's net.core.somaxconn). Default 4096.
+    #[arg(long)]
+    pub listen_backlog: Option<u32>,
     /// Most concurrent connections; 0 = unlimited (the default).
     #[arg(long)]
     pub max_connections: Option<usize>,
@@ -290,7 +294,7 @@ pub struct TlsSettings {
 }
 
 /// Connection limits of the listeners.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Most concurrent connections (0 = unlimited).
     pub max_connections: usize,
@@ -300,6 +304,20 @@ pub struct Limits {
     pub accept_burst: u32,
     /// Keepalive and user timeout of accepted connections and mesh links.
     pub tcp: crate::sockopt::TcpTimeouts,
+    /// Listen backlog of the main and plain-HTTP listeners.
+    pub listen_backlog: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 0,
+            accept_per_sec: 0.0,
+            accept_burst: 0,
+            tcp: crate::sockopt::TcpTimeouts::default(),
+            listen_backlog: crate::http::listener::DEFAULT_BACKLOG,
+        }
+    }
 }
 
 /// What SIGTERM does.
@@ -714,6 +732,11 @@ impl Settings {
                 accept_per_sec,
                 accept_burst,
                 tcp: self.tcp_timeouts()?,
+                listen_backlog: match self.listen_backlog {
+                    None => crate::http::listener::DEFAULT_BACKLOG,
+                    Some(0) => return Err(invalid("listen-backlog", "must be at least 1")),
+                    Some(n) => n,
+                },
             },
             shutdown,
             rate_config: self.rate_config.clone(),

@@ -130,6 +130,8 @@ pub struct Metrics {
     pub write_batches: IntCounter,
     /// TCP connections admitted by the listeners.
     pub connections_accepted: IntCounter,
+    /// accept() failures (EMFILE and the like).
+    pub accept_errors: IntCounter,
     connections_rejected: IntCounterVec,
     /// Failed or timed-out TLS handshakes.
     pub tls_handshake_errors: IntCounter,
@@ -376,6 +378,11 @@ impl Metrics {
                 &r,
                 "derpd_connections_accepted_total",
                 "TCP connections admitted by the listeners.",
+            ),
+            accept_errors: counter(
+                &r,
+                "derpd_accept_errors_total",
+                "accept() calls that failed (out of file descriptors and the like); the listener backs off up to 1s.",
             ),
             connections_rejected: {
                 let c = counter_vec(

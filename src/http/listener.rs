@@ -81,6 +81,59 @@ impl ConnLimiter {
     }
 }
 
+/// Default listen backlog (as Tailscale's relay; the kernel caps it at
+/// `net.core.somaxconn`).
+pub const DEFAULT_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener with `SO_REUSEADDR` and the given backlog.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Accept errors (out of file descriptors and the like) back off from
+/// 5 ms, doubling, to 1 s, and are logged once per episode.
+struct AcceptBackoff {
+    errors: u64,
+    delay: Duration,
+}
+
+impl AcceptBackoff {
+    const MIN: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn new() -> AcceptBackoff {
+        AcceptBackoff {
+            errors: 0,
+            delay: Self::MIN,
+        }
+    }
+
+    /// Records a failure; returns how long to wait before accepting again.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        if self.errors == 0 {
+            tracing::warn!(error = %e, "accept failing (out of file descriptors?); backing off up to 1s, logging once until it recovers");
+        }
+        self.errors += 1;
+        let d = self.delay;
+        self.delay = (self.delay * 2).min(Self::MAX);
+        d
+    }
+
+    /// Records a success, ending an episode of failures.
+    fn succeeded(&mut self) {
+        if self.errors > 0 {
+            tracing::warn!(errors = self.errors, "accept recovered");
+            *self = AcceptBackoff::new();
+        }
+    }
+}
+
 /// Accepts on `listener` until `shutdown` is cancelled.
 pub async fn accept_loop(
     listener: TcpListener,
@@ -91,19 +144,25 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let metrics = front.relay.metrics().clone();
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    metrics.accept_errors.inc();
+                    let wait = backoff.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
                     continue;
                 }
             },
             _ = shutdown.cancelled() => return,
         };
+        backoff.succeeded();
         let slot = match limiter.admit() {
             Ok(s) => s,
             Err(why) => {
@@ -162,6 +221,35 @@ fn log_end(remote: std::net::SocketAddr, result: std::io::Result<()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second_and_resets() {
+        let mut b = AcceptBackoff::new();
+        let e = std::io::Error::from_raw_os_error(24);
+        let waits: Vec<u64> = (0..10).map(|_| b.failed(&e).as_millis() as u64).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(b.errors, 10);
+        b.succeeded();
+        assert_eq!((b.errors, b.failed(&e)), (0, Duration::from_millis(5)));
+    }
+
+    #[tokio::test]
+    async fn listeners_get_the_backlog_asked_for() {
+        let l = bind("127.0.0.1:0".parse().unwrap(), 77).unwrap();
+        // `ss` shows a listening socket's backlog as its Send-Q.
+        let port = l.local_addr().unwrap().port();
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let backlog: u32 = text
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("ss output: {text}"));
+        assert_eq!(backlog, 77);
+    }
 
     #[test]
     fn max_connections_frees_slots_on_drop() {
