@@ -139,6 +139,9 @@ pub struct Metrics {
     pub websocket_accepts: IntCounter,
     /// HTTP requests by route and status.
     pub http_requests: IntCounterVec,
+    /// Requests refused, or connections closed, before a request head was
+    /// complete and acceptable, by reason.
+    pub http_request_errors: IntCounterVec,
     /// Build information.
     pub build_info: IntGaugeVec,
 }
@@ -412,6 +415,26 @@ impl Metrics {
                 "HTTP requests on the main listener, by route and status code.",
                 &["route", "code"],
             ),
+            http_request_errors: {
+                let c = counter_vec(
+                    &r,
+                    "derpd_http_request_errors_total",
+                    "Connections whose first request head was refused or never completed, by reason: head_timeout (slowloris), malformed, too_large, missing_host, bad_content_length, bad_transfer_encoding, unsupported_transfer_encoding.",
+                    &["reason"],
+                );
+                for l in [
+                    "head_timeout",
+                    "malformed",
+                    "too_large",
+                    "missing_host",
+                    "bad_content_length",
+                    "bad_transfer_encoding",
+                    "unsupported_transfer_encoding",
+                ] {
+                    c.with_label_values(&[l]);
+                }
+                c
+            },
             build_info,
             registry: r,
         }

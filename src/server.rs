@@ -123,6 +123,7 @@ impl Server {
             relay.clone(),
             FrontConfig {
                 fast_start: config.fast_start,
+                head_timeout: config.relay.handshake_timeout,
             },
         )
         .with_websocket(config.websocket);

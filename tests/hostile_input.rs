@@ -122,7 +122,10 @@ async fn a_cut_receiver_is_reset_and_frees_its_kernel_buffers() {
     let big = Bytes::from(vec![0xABu8; 60_000]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(&server, "derp_write_timeouts_total") < 1.0 {
-        assert!(Instant::now() < deadline, "the frozen receiver was never cut");
+        assert!(
+            Instant::now() < deadline,
+            "the frozen receiver was never cut"
+        );
         for _ in 0..8 {
             sender.queue(&Frame::SendPacket {
                 dst: kf.public(),
@@ -140,4 +143,144 @@ async fn a_cut_receiver_is_reset_and_frees_its_kernel_buffers() {
         proc_net::find(server.addr, frozen_addr).map(|r| r.state)
     );
     drop(frozen_stream);
+}
+
+/// Sends `request` on a fresh connection and returns the status code of
+/// the answer (0 when the relay closed without one).
+async fn status_of(server: &derpd::server::Server, request: &str) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(ARRIVES, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Framing that proxies may read differently (request smuggling) is
+/// refused as Go's `net/http` refuses it, and counted by reason.
+#[tokio::test]
+async fn ambiguous_request_framing_is_refused_like_go() {
+    let server = start().await;
+    let m = |r: &str| {
+        metric(
+            &server,
+            &format!("derpd_http_request_errors_total{{reason=\"{r}\"}}"),
+        )
+    };
+    let upgrade = "GET /derp HTTP/1.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n";
+    let probe = "GET /derp/probe HTTP/1.1\r\nHost: derp.example.com\r\n";
+    for (what, request, status, reason) in [
+        (
+            "no Host on an upgrade",
+            format!("{upgrade}\r\n"),
+            400,
+            "missing_host",
+        ),
+        (
+            "no Host on a probe",
+            "GET /derp/probe HTTP/1.1\r\n\r\n".to_owned(),
+            400,
+            "missing_host",
+        ),
+        (
+            "two Hosts",
+            format!("{probe}Host: other.example.com\r\n\r\n"),
+            400,
+            "missing_host",
+        ),
+        (
+            "negative length",
+            format!("{probe}Content-Length: -1\r\n\r\n"),
+            400,
+            "bad_content_length",
+        ),
+        (
+            "huge length",
+            format!("{probe}Content-Length: 99999999999999999999\r\n\r\n"),
+            400,
+            "bad_content_length",
+        ),
+        (
+            "duplicated length",
+            format!("{probe}Content-Length: 0\r\nContent-Length: 0\r\n\r\n"),
+            400,
+            "bad_content_length",
+        ),
+        (
+            "gzip",
+            format!("{probe}Transfer-Encoding: gzip\r\n\r\n"),
+            501,
+            "unsupported_transfer_encoding",
+        ),
+        (
+            "chunked twice",
+            format!("{probe}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400,
+            "bad_transfer_encoding",
+        ),
+        (
+            "chunked with a length",
+            format!("{probe}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"),
+            400,
+            "bad_transfer_encoding",
+        ),
+    ] {
+        let before = m(reason);
+        assert_eq!(status_of(&server, &request).await, status, "{what}");
+        assert_eq!(m(reason), before + 1.0, "{what}");
+    }
+    // The same requests, well framed, are served.
+    assert_eq!(
+        status_of(&server, &format!("{probe}Connection: close\r\n\r\n")).await,
+        200
+    );
+    assert_eq!(
+        status_of(&server, "GET /derp/probe HTTP/1.0\r\n\r\n").await,
+        200,
+        "HTTP/1.0 needs no Host"
+    );
+    // A later request on a kept-alive connection is held to the Host rule too.
+    let two = format!("{probe}\r\nGET /derp/probe HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, two.as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(ARRIVES, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("HTTP/1.1 400"), "{text}");
+}
+
+/// A client that never finishes its request head (slowloris) is closed at
+/// the handshake deadline and counted.
+#[tokio::test]
+async fn slow_request_heads_are_closed_and_counted() {
+    let server = start_with(
+        RelayConfig {
+            handshake_timeout: Duration::from_millis(400),
+            ..RelayConfig::default()
+        },
+        None,
+    )
+    .await;
+    let before = metric(
+        &server,
+        "derpd_http_request_errors_total{reason=\"head_timeout\"}",
+    );
+    assert_eq!(
+        status_of(&server, "GET /derp HTTP/1.1\r\nHost: x\r\nUpgr").await,
+        0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "derpd_http_request_errors_total{reason=\"head_timeout\"}"
+        ),
+        before + 1.0
+    );
 }

@@ -22,6 +22,78 @@ pub struct RequestHead {
     pub fast_start: bool,
     /// An `Ideal-Node` header was sent.
     pub ideal_node: bool,
+    /// HTTP/1.1 (not 1.0).
+    pub http11: bool,
+    /// How many `Host` headers were sent.
+    pub hosts: usize,
+    /// Every `Content-Length` value, trimmed.
+    pub content_lengths: Vec<String>,
+    /// Every `Transfer-Encoding` value, trimmed.
+    pub transfer_encodings: Vec<String>,
+}
+
+/// Why a well-formed head is refused, as Go's `net/http` refuses it: the
+/// framing rules proxies disagree on are where request smuggling lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    /// HTTP/1.1 without exactly one `Host` header.
+    #[error("missing or repeated Host header")]
+    Host,
+    /// A `Content-Length` that is not one non-negative number below 2^63.
+    #[error("bad or repeated Content-Length")]
+    ContentLength,
+    /// Repeated `Transfer-Encoding`, or one next to a `Content-Length`.
+    #[error("ambiguous Transfer-Encoding")]
+    TransferEncoding,
+    /// A `Transfer-Encoding` other than `chunked` (Go answers 501).
+    #[error("unsupported Transfer-Encoding")]
+    UnsupportedTransferEncoding,
+}
+
+impl FramingError {
+    /// The HTTP status to answer with.
+    pub fn status(self) -> u16 {
+        match self {
+            FramingError::UnsupportedTransferEncoding => 501,
+            _ => 400,
+        }
+    }
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            FramingError::Host => "missing_host",
+            FramingError::ContentLength => "bad_content_length",
+            FramingError::TransferEncoding => "bad_transfer_encoding",
+            FramingError::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+        }
+    }
+}
+
+impl RequestHead {
+    /// Checks the framing headers: one `Host` (HTTP/1.1), at most one
+    /// `Content-Length` of 0..2^63, at most one `Transfer-Encoding`, which
+    /// must be `chunked` and not sent along with a `Content-Length`.
+    pub fn check_framing(&self) -> Result<(), FramingError> {
+        if self.http11 && self.hosts != 1 || self.hosts > 1 {
+            return Err(FramingError::Host);
+        }
+        match self.content_lengths.as_slice() {
+            [] => {}
+            [v] if !v.is_empty()
+                && v.len() <= 19
+                && v.bytes().all(|b| b.is_ascii_digit())
+                && v.parse::<i64>().is_ok() => {}
+            _ => return Err(FramingError::ContentLength),
+        }
+        match self.transfer_encodings.as_slice() {
+            [] => Ok(()),
+            [_] if !self.content_lengths.is_empty() => Err(FramingError::TransferEncoding),
+            [te] if te.eq_ignore_ascii_case("chunked") => Ok(()),
+            [_] => Err(FramingError::UnsupportedTransferEncoding),
+            _ => Err(FramingError::TransferEncoding),
+        }
+    }
 }
 
 /// Why a head could not be parsed.
@@ -100,6 +172,13 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError>
     if n > MAX_HEAD_LEN {
         return Err(HeadError::TooLarge);
     }
+    let all = |name: &str| -> Vec<String> {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+            .collect()
+    };
     let header = |name: &str| {
         req.headers
             .iter()
@@ -116,6 +195,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError>
             ws_protocol: header("sec-websocket-protocol"),
             fast_start: header("derp-fast-start").as_deref() == Some("1"),
             ideal_node: header("ideal-node").is_some(),
+            http11: req.version == Some(1),
+            hosts: all("host").len(),
+            content_lengths: all("content-length"),
+            transfer_encodings: all("transfer-encoding"),
         },
         n,
     )))
@@ -153,6 +236,70 @@ mod tests {
         let legacy = b"GET /derp HTTP/1.1\r\nUpgrade: WebSocket\r\n\r\n";
         let (head, _) = parse_head(legacy).unwrap().unwrap();
         assert!(head.is_raw_derp_upgrade());
+    }
+
+    #[test]
+    fn framing_follows_go() {
+        let check = |head: &str| {
+            let req = format!("{head}\r\n\r\n");
+            parse_head(req.as_bytes())
+                .unwrap()
+                .unwrap()
+                .0
+                .check_framing()
+        };
+        let ok = "GET /derp HTTP/1.1\r\nHost: x";
+        assert_eq!(check(ok), Ok(()));
+        assert_eq!(check("GET / HTTP/1.0"), Ok(()), "HTTP/1.0 needs no Host");
+        assert_eq!(check("GET / HTTP/1.1"), Err(FramingError::Host));
+        assert_eq!(check(&format!("{ok}\r\nHost: y")), Err(FramingError::Host));
+        assert_eq!(check(&format!("{ok}\r\nContent-Length: 0")), Ok(()));
+        for bad in [
+            "-1",
+            "18446744073709551616",
+            "9223372036854775808",
+            "1e3",
+            "",
+            "+5",
+            "0x10",
+        ] {
+            assert_eq!(
+                check(&format!("{ok}\r\nContent-Length: {bad}")),
+                Err(FramingError::ContentLength),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            check(&format!("{ok}\r\nContent-Length: 5\r\nContent-Length: 5")),
+            Err(FramingError::ContentLength)
+        );
+        assert_eq!(
+            check(&format!("{ok}\r\nTransfer-Encoding: chunked")),
+            Ok(())
+        );
+        assert_eq!(
+            check(&format!("{ok}\r\nTransfer-Encoding: Chunked")),
+            Ok(())
+        );
+        for te in ["gzip", "gzip, chunked", "chunked, chunked", "identity"] {
+            assert_eq!(
+                check(&format!("{ok}\r\nTransfer-Encoding: {te}")),
+                Err(FramingError::UnsupportedTransferEncoding),
+                "{te}"
+            );
+        }
+        assert_eq!(
+            check(&format!(
+                "{ok}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
+            )),
+            Err(FramingError::TransferEncoding)
+        );
+        assert_eq!(
+            check(&format!(
+                "{ok}\r\nTransfer-Encoding: chunked\r\nContent-Length: 3"
+            )),
+            Err(FramingError::TransferEncoding)
+        );
     }
 
     #[test]

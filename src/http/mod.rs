@@ -42,10 +42,22 @@ pub struct Front {
 }
 
 /// Settings of the front door.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FrontConfig {
     /// Whether to honour `Derp-Fast-Start: 1` (write no HTTP response).
     pub fast_start: bool,
+    /// Deadline for the first request head (slow clients are closed and
+    /// counted as `head_timeout`).
+    pub head_timeout: Duration,
+}
+
+impl Default for FrontConfig {
+    fn default() -> Self {
+        FrontConfig {
+            fast_start: false,
+            head_timeout: HEAD_TIMEOUT,
+        }
+    }
 }
 
 impl Front {
@@ -133,25 +145,36 @@ pub async fn serve_stream<S: Transport>(
     front: Front,
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(2048);
-    let head = match timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await {
+    let errors = &front.relay.metrics().http_request_errors;
+    let head = match timeout(front.inner.head_timeout, read_head(&mut stream, &mut buf)).await {
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(HeadFailure::Io(e))) => return Err(e),
         Ok(Err(HeadFailure::Head(e))) => {
-            let (status, reason) = match e {
-                HeadError::TooLarge => (431, "Request Header Fields Too Large"),
-                HeadError::Malformed(_) => (400, "Bad Request"),
+            let (status, reason, label) = match e {
+                HeadError::TooLarge => (431, "Request Header Fields Too Large", "too_large"),
+                HeadError::Malformed(_) => (400, "Bad Request", "malformed"),
             };
-            let resp = format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{e}\n",
-                e.to_string().len() + 1
-            );
-            let _ = timeout(Duration::from_secs(2), stream.write_all(resp.as_bytes())).await;
+            errors.with_label_values(&[label]).inc();
+            refuse(&mut stream, status, reason, &e.to_string()).await;
             return Ok(());
         }
-        Err(_) => return Ok(()),
+        Err(_) => {
+            errors.with_label_values(&["head_timeout"]).inc();
+            return Ok(());
+        }
     };
     let (head, head_len) = head;
+    if let Err(f) = head.check_framing() {
+        errors.with_label_values(&[f.label()]).inc();
+        let reason = if f.status() == 501 {
+            "Not Implemented"
+        } else {
+            "Bad Request"
+        };
+        refuse(&mut stream, f.status(), reason, &f.to_string()).await;
+        return Ok(());
+    }
     if head.is_raw_derp_upgrade() {
         let _ = buf.split_to(head_len);
         let preamble = if head.fast_start && front.inner.fast_start {
@@ -189,6 +212,15 @@ where
         .with_upgrades()
         .await
         .map_err(std::io::Error::other)
+}
+
+/// Answers `status` with a short text body and `Connection: close`.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, status: u16, reason: &str, text: &str) {
+    let resp = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{text}\n",
+        text.len() + 1
+    );
+    let _ = timeout(Duration::from_secs(2), stream.write_all(resp.as_bytes())).await;
 }
 
 enum HeadFailure {

@@ -63,7 +63,21 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
-    let resp = route(&front, remote, req).await;
+    // Later requests on a kept-alive connection: hyper checks their
+    // framing; HTTP/1.1 without a Host is refused here, as Go does.
+    let resp = if req.version() == hyper::Version::HTTP_11
+        && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        front
+            .relay
+            .metrics()
+            .http_request_errors
+            .with_label_values(&["missing_host"])
+            .inc();
+        text(StatusCode::BAD_REQUEST, "missing or repeated Host header\n")
+    } else {
+        route(&front, remote, req).await
+    };
     front
         .relay
         .metrics()

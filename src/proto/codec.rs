@@ -208,12 +208,7 @@ impl FrameDecoder {
             Role::Server if t == ClientInfo => !self.handshake_done,
             Role::Server => matches!(
                 t,
-                SendPacket
-                    | NotePreferred
-                    | ForwardPacket
-                    | WatchConns
-                    | ClosePeer
-                    | Ping
+                SendPacket | NotePreferred | ForwardPacket | WatchConns | ClosePeer | Ping
             ),
             Role::Client => matches!(
                 t,

@@ -152,8 +152,13 @@ impl Reader {
             if let Err(e) = self.drain(&mut buf) {
                 return e;
             }
-            frame_deadline = match (self.decoder.mid_frame(&buf), self.shared.config.frame_timeout) {
-                (true, Some(t)) => Some(frame_deadline.unwrap_or_else(|| tokio::time::Instant::now() + t)),
+            frame_deadline = match (
+                self.decoder.mid_frame(&buf),
+                self.shared.config.frame_timeout,
+            ) {
+                (true, Some(t)) => {
+                    Some(frame_deadline.unwrap_or_else(|| tokio::time::Instant::now() + t))
+                }
                 _ => None,
             };
             // Never fires while no frame is in progress.

@@ -58,4 +58,3 @@ pub fn find(local: SocketAddr, remote: SocketAddr) -> Option<TcpRow> {
 pub fn row(local: SocketAddr, remote: SocketAddr) -> TcpRow {
     find(local, remote).unwrap_or_else(|| panic!("no socket {local} -> {remote} in /proc/net/tcp"))
 }
-
