@@ -47,7 +47,12 @@ const BAD_FLAGS: &[&[&str]] = &[
     &["--queue-depth", "70000"],
     &["--accept-connection-limit=-1"],
     &["--accept-connection-limit", "NaN"],
-    &["--accept-connection-limit", "5", "--accept-connection-burst", "0"],
+    &[
+        "--accept-connection-limit",
+        "5",
+        "--accept-connection-burst",
+        "0",
+    ],
     &["--rate-config", "files/missing.json"],
     &["--rate-config", "files/not-json.txt"],
     &["--shutdown-timeout", "later"],
@@ -99,7 +104,13 @@ const BAD_FLAGS: &[&[&str]] = &[
     // Rejected after the settings resolved, before anything listens.
     &["--dev", "--mesh-psk-file", "files/bad-psk"],
     &["--dev", "--mesh-psk-file", "files/missing-psk"],
-    &["-c", "files/bad.key", "--stun=false", "--metrics-addr", "off"],
+    &[
+        "-c",
+        "files/bad.key",
+        "--stun=false",
+        "--metrics-addr",
+        "off",
+    ],
 ];
 
 fn fixtures() -> PathBuf {

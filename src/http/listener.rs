@@ -14,8 +14,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::Front;
-use crate::config::Limits;
 use crate::relay::ratelimit::TokenBucket;
+
+/// Connection limits of the listeners.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Most concurrent connections (0 = unlimited).
+    pub max_connections: usize,
+    /// Accepted connections per second (0 = unlimited).
+    pub accept_per_sec: f64,
+    /// Accept burst.
+    pub accept_burst: u32,
+}
 
 /// Shared limit state of one or more listeners.
 pub struct ConnLimiter {

@@ -13,11 +13,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use super::head::{upgrade_kind, UpgradeKind};
-use super::Front;
+use super::{Body, Front};
 use crate::relay::AcceptOptions;
-
-/// Response body type.
-pub type Body = Full<Bytes>;
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));

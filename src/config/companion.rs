@@ -1,11 +1,12 @@
-//! Resolving the companion's flags/TOML keys into a [`CompanionConfig`].
+//! Resolving the companion's flags/TOML keys into the companion's own
+//! [`CompanionConfig`].
 
 use std::time::Duration;
 
-use super::admission::{Policy, UrlConfig};
-use super::derpmap::DerpMap;
-use super::{CompanionConfig, HeadscaleSource};
-use crate::config::{parse_duration, ConfigError, Settings};
+use super::{parse_duration, ConfigError, Settings};
+use crate::companion::admission::{Policy, UrlConfig};
+use crate::companion::derpmap::DerpMap;
+use crate::companion::{CompanionConfig, HeadscaleSource};
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -154,7 +155,7 @@ pub fn resolve(s: &Settings) -> Result<Option<CompanionConfig>, ConfigError> {
     let state_dir = match (&s.state_dir, s.is_dev()) {
         (Some(d), _) => Some(d.clone()),
         (None, true) => None,
-        (None, false) => Some(crate::config::default_state_dir()),
+        (None, false) => Some(super::default_state_dir()),
     };
     Ok(Some(CompanionConfig {
         headscale,
