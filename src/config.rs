@@ -5,6 +5,13 @@
 //!
 //! File keys are the long flag names: `tcp-write-timeout = "2s"`,
 //! `accept-connection-limit = 100.0`, … Unknown keys are errors.
+//!
+//! Settings flow one way: each part owns its settings type (`RelayConfig`,
+//! `Limits`, `TlsSettings`, `MeshSettings`, `CompanionConfig`, …) and this
+//! module, at the top, fills them in; no part imports `config`. The
+//! companion's and the mesh's keys are resolved in `config/companion.rs` and
+//! `config/mesh.rs`, derper's single-dash flags are handled in
+//! `config/args.rs`.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,21 +19,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::relay::{ClientRateLimit, RelayConfig};
+mod args;
+mod companion;
+mod mesh;
 
-/// How the main listener gets its TLS certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum CertMode {
-    /// Plain HTTP, no TLS.
-    None,
-    /// `<certdir>/<hostname>.crt` and `.key`, reloaded when they change.
-    Manual,
-    /// ACME (Let's Encrypt or any `--acme-directory`).
-    Letsencrypt,
-    /// A self-signed certificate made at start (labs and tests).
-    SelfSigned,
-}
+pub use args::go_style_args;
+// Each part's own settings types, named here for callers that build a
+// `ServerConfig` by hand.
+pub use crate::http::listener::Limits;
+use crate::relay::{ClientRateLimit, RelayConfig};
+pub use crate::tls::{CertMode, TlsSettings};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -278,48 +280,6 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// TLS settings of the main listener.
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    /// Certificate mode (never `None` here).
-    pub mode: CertMode,
-    /// Certificate directory / ACME cache.
-    pub certdir: PathBuf,
-    /// ACME directory URL.
-    pub acme_directory: String,
-    /// ACME contact.
-    pub acme_email: Option<String>,
-    /// Extra trusted roots for talking to the ACME directory.
-    pub acme_ca_file: Option<PathBuf>,
-}
-
-/// Connection limits of the listeners.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Most concurrent connections (0 = unlimited).
-    pub max_connections: usize,
-    /// Accepted connections per second (0 = unlimited).
-    pub accept_per_sec: f64,
-    /// Accept burst.
-    pub accept_burst: u32,
-    /// Keepalive and user timeout of accepted connections and mesh links.
-    pub tcp: crate::sockopt::TcpTimeouts,
-    /// Listen backlog of the main and plain-HTTP listeners.
-    pub listen_backlog: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 0,
-            accept_per_sec: 0.0,
-            accept_burst: 0,
-            tcp: crate::sockopt::TcpTimeouts::default(),
-            listen_backlog: crate::http::listener::DEFAULT_BACKLOG,
-        }
-    }
-}
-
 /// What SIGTERM does.
 #[derive(Debug, Clone)]
 pub struct ShutdownSettings {
@@ -484,37 +444,6 @@ pub(crate) fn default_state_dir() -> PathBuf {
             None => PathBuf::from("/var/lib/derpd"),
         },
     }
-}
-
-/// Rewrites Go-style single-dash long flags (`-hostname=x`, `-stun-port 3478`,
-/// as Tailscale's derper accepts them) to `--hostname=x`, so derper command
-/// lines work unchanged. Single-letter flags (`-a`, `-c`), negative numbers
-/// (`-1`) and everything after `--` are left alone.
-pub fn go_style_args<I: IntoIterator<Item = std::ffi::OsString>>(
-    args: I,
-) -> Vec<std::ffi::OsString> {
-    let mut out = Vec::new();
-    let mut rest = false;
-    for arg in args {
-        let rewritten = match arg.to_str() {
-            Some("--") => {
-                rest = true;
-                None
-            }
-            Some(a) if !rest && a.starts_with('-') && !a.starts_with("--") => {
-                let name = a[1..].split('=').next().unwrap_or("");
-                let long_name = name.len() >= 2
-                    && name.starts_with(|c: char| c.is_ascii_lowercase())
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-                long_name.then(|| format!("-{a}").into())
-            }
-            _ => None,
-        };
-        out.push(rewritten.unwrap_or(arg));
-    }
-    out
 }
 
 /// Let's Encrypt's production ACME directory.
@@ -741,7 +670,7 @@ impl Settings {
             shutdown,
             rate_config: self.rate_config.clone(),
             mesh: crate::mesh::MeshSettings::resolve(self)?,
-            companion: crate::companion::settings::resolve(self)?,
+            companion: companion::resolve(self)?,
         })
     }
 }
@@ -752,57 +681,6 @@ mod tests {
 
     fn from_toml(s: &str) -> Result<Settings, String> {
         toml::from_str::<Settings>(s).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn derper_style_single_dash_flags_are_accepted() {
-        let args = |v: &[&str]| -> Vec<String> {
-            go_style_args(v.iter().map(std::ffi::OsString::from))
-                .into_iter()
-                .map(|a| a.into_string().unwrap())
-                .collect()
-        };
-        assert_eq!(
-            args(&[
-                "derpd",
-                "serve",
-                "-hostname=derp.example.com",
-                "-stun-port",
-                "3478",
-                "-a",
-                ":443"
-            ]),
-            [
-                "derpd",
-                "serve",
-                "--hostname=derp.example.com",
-                "--stun-port",
-                "3478",
-                "-a",
-                ":443"
-            ]
-        );
-        assert_eq!(
-            args(&[
-                "derpd",
-                "serve",
-                "--http-port",
-                "-1",
-                "-c",
-                "/k",
-                "-verify-clients"
-            ]),
-            [
-                "derpd",
-                "serve",
-                "--http-port",
-                "-1",
-                "-c",
-                "/k",
-                "--verify-clients"
-            ]
-        );
-        assert_eq!(args(&["derpd", "--", "-dev"]), ["derpd", "--", "-dev"]);
     }
 
     #[test]

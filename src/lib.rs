@@ -1,9 +1,14 @@
 //! derpd: a high-performance DERP relay and headscale companion.
 //!
-//! Layers, top to bottom: [`http`] accepts connections and routes requests,
-//! [`relay`] runs connected clients and forwards packets, [`proto`] is the
-//! pure DERP protocol. [`client`] is a small DERP client used by the probe,
-//! the benchmark and the tests.
+//! Layers, top to bottom: the top level ([`server`], [`config`] and the
+//! binary) turns flags and TOML into each part's settings and starts the
+//! parts; [`http`] accepts connections and routes requests; [`relay`] runs
+//! connected clients and forwards packets; [`proto`] is the pure DERP
+//! protocol. Beside the relay: [`mesh`] (links to region peers, plugged into
+//! the relay's [`relay::RemoteKeys`] seam), [`companion`] (headscale sync and
+//! admission) and [`stun`]. Imports only flow downwards; `tests/import_graph.rs`
+//! checks it. [`client`] is a small DERP client used by the probe, the
+//! benchmark and the tests.
 
 pub mod bench;
 pub mod client;

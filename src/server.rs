@@ -17,6 +17,7 @@ pub use crate::config::ServerConfig;
 use crate::config::ShutdownSettings;
 use crate::http::listener::{accept_loop, ConnLimiter};
 use crate::http::{Front, FrontConfig};
+use crate::mesh::{Mesh, MeshExt};
 use crate::metrics::{Metrics, StunCollector};
 use crate::proto::{MeshKey, NodePrivate};
 use crate::relay::{ClientRateLimit, Relay};
@@ -90,7 +91,15 @@ impl Server {
             )?),
             None => None,
         };
-        let relay = Relay::new(key, mesh_key, config.relay.clone(), metrics.clone());
+        let relay = Relay::new(
+            key.clone(),
+            mesh_key.clone(),
+            config.relay.clone(),
+            metrics.clone(),
+        );
+        // Every relay has a mesh (with no links unless peers are set), so the
+        // mesh metrics and `/debug/mesh` are always there.
+        Mesh::attach(&relay, key, mesh_key).map_err(StartError::Mesh)?;
         if let Some(c) = &companion {
             relay.set_admission(c.admission());
             relay.set_companion(c.clone());
@@ -149,7 +158,7 @@ impl Server {
             register_tls_metrics(&metrics, tls);
             // An ACME certificate is validated through the plain-HTTP
             // listener, which is up now: wait for the first one.
-            if tls.mode() == crate::config::CertMode::Letsencrypt && http_addr.is_some() {
+            if tls.mode() == crate::tls::CertMode::Letsencrypt && http_addr.is_some() {
                 tls.wait_for_certificate(Duration::from_secs(120)).await?;
             }
         }

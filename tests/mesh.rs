@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::*;
 use derpd::client::{Client, ClientError};
-use derpd::mesh::{MeshOptions, PeerSpec};
+use derpd::mesh::{MeshExt, MeshOptions, PeerSpec};
 use derpd::proto::handshake::{seal_server_info, server_key_frame};
 use derpd::proto::{
     ClientInfo, Frame, FrameDecoder, MeshKey, NodePrivate, NodePublic, PeerGoneReason, Role,

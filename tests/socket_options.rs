@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::proc_net::{row, tcp_rows};
 use common::*;
-use derpd::mesh::{MeshOptions, PeerSpec};
+use derpd::mesh::{MeshExt, MeshOptions, PeerSpec};
 use derpd::proto::{MeshKey, NodePrivate};
 use derpd::server::{Server, ServerConfig};
 use derpd::sockopt::TcpTimeouts;

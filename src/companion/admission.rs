@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use super::metrics::CompanionMetrics;
 use super::model::{now_ms, Cache, CacheView};
+pub use super::reason::Reason;
 use super::refresh::MissRefresh;
 use super::HttpClient;
 use crate::proto::NodePublic;
@@ -27,52 +28,6 @@ pub type AdmitFuture<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 pub trait Admission: Send + Sync {
     /// Whether `key`, connecting from `remote`, is admitted.
     fn admit<'a>(&'a self, key: NodePublic, remote: SocketAddr) -> AdmitFuture<'a>;
-}
-
-/// Why a decision came out as it did (the `reason` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// Known to headscale, not expired, allowed by the lists.
-    Known,
-    /// Not in the cache.
-    Unknown,
-    /// Known but its key expired.
-    Expired,
-    /// Known but neither its user nor a tag is on the allow-lists.
-    NotAllowed,
-    /// Nothing was ever synced; `--admission-when-empty` decided.
-    CacheEmpty,
-    /// The verify URL said `{"Allow":true}`.
-    UrlAllow,
-    /// The verify URL said `{"Allow":false}`.
-    UrlDeny,
-    /// The verify URL answered a status other than 200.
-    UrlStatus,
-    /// The verify URL's body was not `{"Allow":bool}`.
-    UrlDecode,
-    /// The verify URL was unreachable or timed out (fail-open decides).
-    UrlUnreachable,
-    /// A cached verify-URL decision.
-    UrlCached,
-}
-
-impl Reason {
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Reason::Known => "known",
-            Reason::Unknown => "unknown",
-            Reason::Expired => "expired",
-            Reason::NotAllowed => "not_allowed",
-            Reason::CacheEmpty => "cache_empty",
-            Reason::UrlAllow => "url_allow",
-            Reason::UrlDeny => "url_deny",
-            Reason::UrlStatus => "url_status",
-            Reason::UrlDecode => "url_decode",
-            Reason::UrlUnreachable => "url_unreachable",
-            Reason::UrlCached => "url_cached",
-        }
-    }
 }
 
 /// A decision and its reason.

@@ -4,10 +4,9 @@ use std::sync::Arc;
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-use super::admission::Reason;
 use super::headscale::FetchError;
 use super::model::{now_ms, Cache};
-use super::sync::SyncCause;
+use super::reason::{Reason, SyncCause};
 use crate::metrics::CallbackMetric;
 
 /// Counters of the companion.

@@ -13,29 +13,8 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use super::headscale::{classify, FetchError, ParsedList};
+pub use super::reason::SyncCause;
 use super::{Companion, HttpClient};
-
-/// Why a node-list fetch ran (the `cause` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncCause {
-    /// The poll interval came round.
-    Poll,
-    /// Admission met a key the cache did not know.
-    Miss,
-}
-
-impl SyncCause {
-    /// Every cause, for pre-registering the metric.
-    pub const ALL: [SyncCause; 2] = [SyncCause::Poll, SyncCause::Miss];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            SyncCause::Poll => "poll",
-            SyncCause::Miss => "miss",
-        }
-    }
-}
 
 /// Largest node-list body accepted (64 MiB: ~100k nodes).
 pub const MAX_BODY: usize = 64 << 20;

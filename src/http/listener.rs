@@ -14,8 +14,34 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::Front;
-use crate::config::Limits;
 use crate::relay::ratelimit::TokenBucket;
+
+/// Connection limits and socket options of the listeners.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most concurrent connections (0 = unlimited).
+    pub max_connections: usize,
+    /// Accepted connections per second (0 = unlimited).
+    pub accept_per_sec: f64,
+    /// Accept burst.
+    pub accept_burst: u32,
+    /// Keepalive and user timeout of accepted connections and mesh links.
+    pub tcp: crate::sockopt::TcpTimeouts,
+    /// Listen backlog of the main and plain-HTTP listeners.
+    pub listen_backlog: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 0,
+            accept_per_sec: 0.0,
+            accept_burst: 0,
+            tcp: crate::sockopt::TcpTimeouts::default(),
+            listen_backlog: DEFAULT_BACKLOG,
+        }
+    }
+}
 
 /// Shared limit state of one or more listeners.
 pub struct ConnLimiter {

@@ -28,6 +28,9 @@ use crate::relay::{AcceptOptions, Relay};
 use head::{parse_head, HeadError, RequestHead};
 use prefixed::Prefixed;
 
+/// Response body type of every endpoint served through hyper.
+pub type Body = http_body_util::Full<Bytes>;
+
 /// How long a client may take to send its first request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -13,11 +13,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use super::head::{upgrade_kind, UpgradeKind};
-use super::Front;
+use super::{Body, Front};
 use crate::relay::AcceptOptions;
-
-/// Response body type.
-pub type Body = Full<Bytes>;
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -122,7 +119,7 @@ fn readyz<B>(front: &Front, req: &Request<B>) -> Response<Body> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     let companion = front.relay.companion().map(|c| c.readiness());
-    let links = front.relay.mesh().link_summaries();
+    let links = crate::mesh::MeshExt::mesh(&front.relay).link_summaries();
     let (ready, body) = super::readiness::report(companion, &links);
     let mut r = Response::new(Full::new(Bytes::from(body)));
     if !ready {

@@ -37,8 +37,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::head::MAX_HEADERS;
 use super::prefixed::Prefixed;
-use super::routes::Body;
-use super::{Front, HEAD_TIMEOUT};
+use super::{Body, Front, HEAD_TIMEOUT};
 use crate::relay::{AcceptOptions, Relay};
 
 /// The WebSocket subprotocol DERP clients ask for.

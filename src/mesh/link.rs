@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::dial::{dial, Dialed, PeerSpec};
 use super::queue::{ForwardQueue, Forwarded, LinkId};
-use super::table;
+use super::Mesh;
 use crate::proto::{Frame, FrameDecoder, MeshKey, NodePrivate, NodePublic, Role};
-use crate::relay::Shared;
+use crate::relay::Relay;
 
 /// Deadline for dialing plus the handshake.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,11 +121,11 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// Runs the link until it is cancelled or finds itself.
-pub async fn run(shared: Arc<Shared>, link: Arc<Link>, ctx: Arc<LinkCtx>) {
-    let final_state = run_inner(&shared, &link, &ctx).await;
-    let m = &shared.registry.remote.metrics;
+pub async fn run(relay: Relay, mesh: Arc<Mesh>, link: Arc<Link>, ctx: Arc<LinkCtx>) {
+    let final_state = run_inner(&relay, &mesh, &link, &ctx).await;
+    let m = &mesh.table.metrics;
     m.link_up.with_label_values(&[&link.spec.name]).set(0);
-    table::link_down(&shared.registry, link.id);
+    mesh.table.link_down(&relay.shared().registry, link.id);
     link.queue.clear();
     link.set(|s| {
         s.state = final_state;
@@ -133,8 +133,8 @@ pub async fn run(shared: Arc<Shared>, link: Arc<Link>, ctx: Arc<LinkCtx>) {
     });
 }
 
-async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> LinkState {
-    let m = &shared.registry.remote.metrics;
+async fn run_inner(relay: &Relay, mesh: &Mesh, link: &Arc<Link>, ctx: &LinkCtx) -> LinkState {
+    let m = &mesh.table.metrics;
     let up = m.link_up.with_label_values(&[&link.spec.name]);
     let reconnects = m.link_reconnects.with_label_values(&[&link.spec.name]);
     let cancel = &link.cancel;
@@ -154,7 +154,7 @@ async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> Lin
             _ = cancel.cancelled() => return LinkState::Stopped,
         };
         let error = match dialed {
-            Ok(d) if d.server_key == shared.public_key => {
+            Ok(d) if d.server_key == relay.public_key() => {
                 tracing::info!(peer = %link.spec.name, "mesh peer is this relay; link stopped");
                 link.set(|s| s.peer_key = Some(d.server_key));
                 return LinkState::SelfLink;
@@ -179,9 +179,9 @@ async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> Lin
                     tracing::info!(peer = %link.spec.name, key = %peer_key, "mesh link up");
                 }
                 let started = Instant::now();
-                let e = connected(shared, link, d).await;
+                let e = connected(relay, mesh, link, d).await;
                 up.set(0);
-                table::link_down(&shared.registry, link.id);
+                mesh.table.link_down(&relay.shared().registry, link.id);
                 let dropped = link.queue.clear();
                 link.set(|s| s.up_since = None);
                 if cancel.is_cancelled() {
@@ -219,7 +219,7 @@ async fn run_inner(shared: &Arc<Shared>, link: &Arc<Link>, ctx: &LinkCtx) -> Lin
 
 /// Runs one connection: WatchConns out, then table updates in and
 /// forwarded packets out, until either side fails. Returns why it ended.
-async fn connected(shared: &Arc<Shared>, link: &Arc<Link>, d: Dialed) -> String {
+async fn connected(relay: &Relay, mesh: &Mesh, link: &Arc<Link>, d: Dialed) -> String {
     let Dialed {
         stream, mut buf, ..
     } = d;
@@ -252,7 +252,7 @@ async fn connected(shared: &Arc<Shared>, link: &Arc<Link>, d: Dialed) -> String 
         loop {
             loop {
                 match dec.decode(&mut buf) {
-                    Ok(Some(f)) => on_frame(shared, link, f),
+                    Ok(Some(f)) => on_frame(relay, mesh, link, f),
                     Ok(None) => break,
                     Err(e) => return Err(format!("bad frame from peer: {e}")),
                 }
@@ -293,13 +293,14 @@ async fn write<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-fn on_frame(shared: &Arc<Shared>, link: &Arc<Link>, f: Frame) {
+fn on_frame(relay: &Relay, mesh: &Mesh, link: &Arc<Link>, f: Frame) {
+    let registry = &relay.shared().registry;
     match f {
         // Our own link to the peer shows up in its flood: skip ourselves.
-        Frame::PeerPresent { key, .. } if key != shared.public_key => {
-            table::peer_present(&shared.registry, key, &link.queue);
+        Frame::PeerPresent { key, .. } if key != relay.public_key() => {
+            mesh.table.peer_present(registry, key, &link.queue);
         }
-        Frame::PeerGone { key, .. } => table::peer_gone(&shared.registry, key, link.id),
+        Frame::PeerGone { key, .. } => mesh.table.peer_gone(registry, key, link.id),
         // KeepAlive, packets addressed to the relay's own key, etc.
         _ => {}
     }

@@ -8,6 +8,11 @@
 //! ForwardPacket, through a bounded queue ([`queue`]) so a slow peer never
 //! stalls a sender. The server side of the mesh (WatchConns, ClosePeer,
 //! ForwardPacket from peers) lives in [`crate::relay`].
+//!
+//! The relay knows nothing of all this: [`Mesh`] implements the relay's
+//! [`RemoteKeys`] seam and is attached to it with [`Mesh::attach`]; links
+//! reach the relay through its public API only. [`MeshExt::mesh`] gives the
+//! control handle of a relay's mesh.
 
 pub mod dial;
 pub mod forwarders;
@@ -20,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 pub use dial::PeerSpec;
@@ -28,8 +34,10 @@ use link::{Link, LinkCtx, LinkStatus};
 use queue::ForwardQueue;
 pub use table::RemoteTable;
 
-use crate::proto::{MeshKey, NodePrivate};
-use crate::relay::Shared;
+use crate::proto::{MeshKey, NodePrivate, NodePublic};
+use crate::relay::conn::ConnId;
+use crate::relay::registry::SentTo;
+use crate::relay::{Relay, RemoteKeys};
 
 /// Default bound of each link's outbound queue, in packets.
 pub const DEFAULT_LINK_QUEUE: usize = 2048;
@@ -72,66 +80,91 @@ pub struct MeshSettings {
     pub ca_file: Option<PathBuf>,
 }
 
-impl MeshSettings {
-    /// Reads and checks the mesh flags.
-    pub fn resolve(
-        s: &crate::config::Settings,
-    ) -> Result<MeshSettings, crate::config::ConfigError> {
-        let invalid = |key, message| crate::config::ConfigError::Invalid { key, message };
-        let peers = PeerSpec::parse_list(s.mesh_with.as_deref().unwrap_or(""))
-            .map_err(|m| invalid("mesh-with", m))?;
-        if !peers.is_empty() && s.mesh_psk_file.is_none() {
-            return Err(invalid(
-                "mesh-with",
-                "meshing requires a mesh key: set --mesh-psk-file".into(),
-            ));
-        }
-        if let Some(p) = &s.mesh_ca_file {
-            dial::tls_config(Some(p)).map_err(|m| invalid("mesh-ca-file", m))?;
-        }
-        Ok(MeshSettings {
-            peers,
-            ca_file: s.mesh_ca_file.clone(),
-        })
-    }
-}
-
-/// The mesh links of one relay.
+/// The mesh of one relay: its links to peers and the table of keys they
+/// have. Implements the relay's [`RemoteKeys`] seam.
 pub struct Mesh {
     key: NodePrivate,
     mesh_key: Option<MeshKey>,
     links: Mutex<Vec<Arc<Link>>>,
+    /// Keys connected to mesh peers, and the link to each.
+    pub table: RemoteTable,
 }
 
 impl Mesh {
-    /// No links yet; `key` is the relay's own key.
-    pub fn new(key: NodePrivate, mesh_key: Option<MeshKey>) -> Mesh {
-        Mesh {
+    /// Makes `relay`'s mesh (no links yet) and attaches it to the relay;
+    /// `key` is the relay's own key (links identify as the relay). Registers
+    /// the mesh metrics. Fails if the relay already has remote keys attached.
+    pub fn attach(
+        relay: &Relay,
+        key: NodePrivate,
+        mesh_key: Option<MeshKey>,
+    ) -> Result<Arc<Mesh>, String> {
+        let mesh = Arc::new(Mesh {
             key,
             mesh_key,
             links: Mutex::new(Vec::new()),
+            table: RemoteTable::new(relay.metrics()),
+        });
+        relay
+            .attach_remote(mesh.clone())
+            .map_err(|_| "the relay already has a mesh".to_string())?;
+        Ok(mesh)
+    }
+}
+
+/// The mesh answers for the keys in its table.
+impl RemoteKeys for Mesh {
+    #[inline]
+    fn forward(&self, src: NodePublic, dst: NodePublic, payload: Bytes) -> Result<(), Bytes> {
+        RemoteKeys::forward(&self.table, src, dst, payload)
+    }
+
+    fn note_receiver(&self, src: NodePublic, dst: NodePublic, conn: ConnId) {
+        RemoteKeys::note_receiver(&self.table, src, dst, conn)
+    }
+
+    fn local_key_left(&self, key: NodePublic, receivers: SentTo) -> SentTo {
+        RemoteKeys::local_key_left(&self.table, key, receivers)
+    }
+
+    fn contains(&self, key: &NodePublic) -> bool {
+        RemoteKeys::contains(&self.table, key)
+    }
+
+    fn len(&self) -> usize {
+        RemoteKeys::len(&self.table)
+    }
+}
+
+/// The mesh of a [`Relay`], from the relay.
+pub trait MeshExt {
+    /// Control of the relay's mesh links: set peers, read status.
+    fn mesh(&self) -> MeshHandle;
+}
+
+impl MeshExt for Relay {
+    fn mesh(&self) -> MeshHandle {
+        MeshHandle {
+            mesh: self.shared().registry.remote.get::<Mesh>(),
+            relay: self.clone(),
         }
     }
 }
 
-/// Control of a relay's mesh (from [`crate::relay::Relay::mesh`]).
+/// Control of a relay's mesh (from [`MeshExt::mesh`]). A relay without an
+/// attached [`Mesh`] has no links and cannot get any.
 pub struct MeshHandle {
-    shared: Arc<Shared>,
+    relay: Relay,
+    mesh: Option<Arc<Mesh>>,
 }
 
 impl MeshHandle {
-    /// A handle on `shared`'s mesh.
-    pub fn new(shared: Arc<Shared>) -> MeshHandle {
-        MeshHandle { shared }
-    }
-
     /// Replaces the peer list: stops current links and dials every listed
     /// peer except this relay. Returns how many links were started.
     pub fn set_peers(&self, peers: &[PeerSpec], opts: &MeshOptions) -> Result<usize, String> {
-        let mesh = &self.shared.mesh;
-        let Some(mesh_key) = mesh.mesh_key.clone() else {
-            return Err("meshing requires a mesh key (--mesh-psk-file)".into());
-        };
+        let no_key = || "meshing requires a mesh key (--mesh-psk-file)".to_string();
+        let mesh = self.mesh.as_ref().ok_or_else(no_key)?;
+        let mesh_key = mesh.mesh_key.clone().ok_or_else(no_key)?;
         let tls = dial::tls_config(opts.ca_file.as_deref())?;
         let ctx = Arc::new(LinkCtx {
             key: mesh.key.clone(),
@@ -140,7 +173,7 @@ impl MeshHandle {
             tcp: opts.tcp,
         });
         self.stop();
-        let metrics = &self.shared.registry.remote.metrics;
+        let metrics = &mesh.table.metrics;
         let mut links = mesh.links.lock();
         for spec in peers {
             if is_self(spec, opts) {
@@ -165,30 +198,42 @@ impl MeshHandle {
                     connects: 0,
                     up_since: None,
                 }),
-                cancel: self.shared.shutdown.child_token(),
+                cancel: self.relay.shared().shutdown.child_token(),
             });
             metrics.link_up.with_label_values(&label).set(0);
             metrics.link_reconnects.with_label_values(&label);
-            tokio::spawn(link::run(self.shared.clone(), link.clone(), ctx.clone()));
+            tokio::spawn(link::run(
+                self.relay.clone(),
+                mesh.clone(),
+                link.clone(),
+                ctx.clone(),
+            ));
             links.push(link);
         }
         tracing::info!(links = links.len(), "mesh peers set");
         Ok(links.len())
     }
 
+    /// The links, if there is a mesh.
+    fn links(&self) -> Vec<Arc<Link>> {
+        self.mesh
+            .as_ref()
+            .map(|m| m.links.lock().clone())
+            .unwrap_or_default()
+    }
+
     /// Stops every link (their keys are forgotten as they stop).
     pub fn stop(&self) {
-        for l in self.shared.mesh.links.lock().drain(..) {
-            l.cancel.cancel();
+        if let Some(mesh) = &self.mesh {
+            for l in mesh.links.lock().drain(..) {
+                l.cancel.cancel();
+            }
         }
     }
 
     /// How many links are connected.
     pub fn links_up(&self) -> usize {
-        self.shared
-            .mesh
-            .links
-            .lock()
+        self.links()
             .iter()
             .filter(|l| l.status.lock().state == LinkState::Up)
             .count()
@@ -196,10 +241,7 @@ impl MeshHandle {
 
     /// Each link's peer, state and most recent failure, for `/readyz`.
     pub fn link_summaries(&self) -> Vec<(String, LinkState, Option<String>)> {
-        self.shared
-            .mesh
-            .links
-            .lock()
+        self.links()
             .iter()
             .map(|l| {
                 let s = l.status.lock();
@@ -210,17 +252,14 @@ impl MeshHandle {
 
     /// Keys known through mesh peers.
     pub fn remote_keys(&self) -> usize {
-        self.shared.registry.remote.len()
+        self.relay.shared().registry.remote.len()
     }
 
     /// JSON status for `/debug/mesh`.
     pub fn status(&self) -> serde_json::Value {
-        let remote = &self.shared.registry.remote;
+        let table = self.mesh.as_ref().map(|m| &m.table);
         let peers: Vec<_> = self
-            .shared
-            .mesh
-            .links
-            .lock()
+            .links()
             .iter()
             .map(|l| {
                 let s = l.status.lock().clone();
@@ -230,7 +269,7 @@ impl MeshHandle {
                     "dial": l.spec.dial,
                     "state": s.state.as_str(),
                     "peer_key": s.peer_key.map(|k| k.to_string()),
-                    "remote_keys": remote.keys_on(l.id),
+                    "remote_keys": table.map_or(0, |t| t.keys_on(l.id)),
                     "queued": l.queue.len(),
                     "connects": s.connects,
                     "up_seconds": s.up_since.map(|t| t.elapsed().as_secs()),
@@ -238,11 +277,12 @@ impl MeshHandle {
                 })
             })
             .collect();
+        let shared = self.relay.shared();
         serde_json::json!({
-            "enabled": self.shared.mesh.mesh_key.is_some(),
-            "self_key": self.shared.public_key.to_string(),
-            "local_keys": self.shared.registry.len(),
-            "remote_keys": remote.len(),
+            "enabled": self.mesh.as_ref().is_some_and(|m| m.mesh_key.is_some()),
+            "self_key": shared.public_key.to_string(),
+            "local_keys": shared.registry.len(),
+            "remote_keys": shared.registry.remote.len(),
             "peers": peers,
         })
     }
@@ -272,19 +312,5 @@ mod tests {
         assert!(!is_self(&p("derp2.example.com"), &opts));
         assert!(!is_self(&p("derp1.example.com:8443"), &opts));
         assert!(!is_self(&p("derp1.example.com"), &MeshOptions::default()));
-    }
-
-    #[test]
-    fn mesh_with_needs_a_mesh_key() {
-        let mut s = crate::config::Settings {
-            mesh_with: Some("derp1.example.com,derp2.example.com/10.0.0.2".into()),
-            ..Default::default()
-        };
-        let e = MeshSettings::resolve(&s).unwrap_err().to_string();
-        assert!(e.starts_with("mesh-with:"), "{e}");
-        s.mesh_psk_file = Some("/nonexistent".into());
-        assert_eq!(MeshSettings::resolve(&s).unwrap().peers.len(), 2);
-        s.mesh_with = Some("host:xx".into());
-        assert!(MeshSettings::resolve(&s).is_err());
     }
 }

@@ -6,7 +6,9 @@
 //! Membership changes run under the registry's membership lock
 //! ([`Registry::with_membership`]) so that "is the key local?" and "does it
 //! still have a forwarder?" are answered consistently with connects and
-//! disconnects; PeerGone frames are queued after the lock is released.
+//! disconnects; PeerGone frames are queued after the lock is released. The
+//! relay reaches the table through the [`super::Mesh`]'s
+//! [`crate::relay::RemoteKeys`] implementation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,9 @@ use super::metrics::MeshMetrics;
 use super::queue::{ForwardQueue, Forwarded, LinkId};
 use crate::metrics::Metrics;
 use crate::proto::NodePublic;
+use crate::relay::conn::ConnId;
 use crate::relay::registry::{Registry, SentTo};
+use crate::relay::RemoteKeys;
 
 #[derive(Default)]
 struct Inner {
@@ -68,7 +72,7 @@ impl RemoteTable {
 
     /// Packet path: local connection `id` of `dst` received a packet that a
     /// mesh peer forwarded from `src`.
-    pub fn note_receiver(&self, src: NodePublic, dst: NodePublic, id: u64) {
+    pub fn note_receiver(&self, src: NodePublic, dst: NodePublic, id: ConnId) {
         self.receivers.entry(src).or_default().insert(dst, id);
     }
 
@@ -143,56 +147,79 @@ impl RemoteTable {
     }
 }
 
-/// A PeerPresent for `key` arrived on the link owning `queue`.
-pub fn peer_present(reg: &Registry, key: NodePublic, queue: &Arc<ForwardQueue>) {
-    let t = &reg.remote;
-    reg.with_membership(|| {
-        let mut inner = t.inner.lock();
-        inner
-            .queues
-            .entry(queue.id)
-            .or_insert_with(|| queue.clone());
-        if inner.fwd.add(key, queue.id) == Added::First {
-            t.routes.insert(key, queue.clone());
-        }
-        t.metrics.clients_remote.set(inner.fwd.len() as i64);
-    });
-}
+impl RemoteTable {
+    /// A PeerPresent for `key` arrived on the link owning `queue`; `reg` is
+    /// the relay's registry.
+    pub fn peer_present(&self, reg: &Registry, key: NodePublic, queue: &Arc<ForwardQueue>) {
+        reg.with_membership(|| {
+            let mut inner = self.inner.lock();
+            inner
+                .queues
+                .entry(queue.id)
+                .or_insert_with(|| queue.clone());
+            if inner.fwd.add(key, queue.id) == Added::First {
+                self.routes.insert(key, queue.clone());
+            }
+            self.metrics.clients_remote.set(inner.fwd.len() as i64);
+        });
+    }
 
-/// A PeerGone for `key` arrived on `link`.
-pub fn peer_gone(reg: &Registry, key: NodePublic, link: LinkId) {
-    let t = &reg.remote;
-    let notify = reg.with_membership(|| {
-        let mut inner = t.inner.lock();
-        let r = inner.fwd.remove(&key, link);
-        t.route_change(&inner, key, r);
-        t.metrics.clients_remote.set(inner.fwd.len() as i64);
-        t.left_region(reg, key, &r)
-    });
-    if let Some(to) = notify {
-        reg.send_peer_gone(key, to);
+    /// A PeerGone for `key` arrived on `link`.
+    pub fn peer_gone(&self, reg: &Registry, key: NodePublic, link: LinkId) {
+        let notify = reg.with_membership(|| {
+            let mut inner = self.inner.lock();
+            let r = inner.fwd.remove(&key, link);
+            self.route_change(&inner, key, r);
+            self.metrics.clients_remote.set(inner.fwd.len() as i64);
+            self.left_region(reg, key, &r)
+        });
+        if let Some(to) = notify {
+            reg.send_peer_gone(key, to);
+        }
+    }
+
+    /// `link` broke: forget every key learned on it (as if PeerGone for each).
+    pub fn link_down(&self, reg: &Registry, link: LinkId) {
+        let gone = reg.with_membership(|| {
+            let mut inner = self.inner.lock();
+            let removed = inner.fwd.remove_link(link);
+            let mut gone = Vec::new();
+            for (key, r) in removed {
+                self.route_change(&inner, key, r);
+                if let Some(to) = self.left_region(reg, key, &r) {
+                    gone.push((key, to));
+                }
+            }
+            inner.queues.remove(&link);
+            self.metrics.clients_remote.set(inner.fwd.len() as i64);
+            gone
+        });
+        for (key, to) in gone {
+            reg.send_peer_gone(key, to);
+        }
     }
 }
 
-/// `link` broke: forget every key learned on it (as if PeerGone for each).
-pub fn link_down(reg: &Registry, link: LinkId) {
-    let t = &reg.remote;
-    let gone = reg.with_membership(|| {
-        let mut inner = t.inner.lock();
-        let removed = inner.fwd.remove_link(link);
-        let mut gone = Vec::new();
-        for (key, r) in removed {
-            t.route_change(&inner, key, r);
-            if let Some(to) = t.left_region(reg, key, &r) {
-                gone.push((key, to));
-            }
-        }
-        inner.queues.remove(&link);
-        t.metrics.clients_remote.set(inner.fwd.len() as i64);
-        gone
-    });
-    for (key, to) in gone {
-        reg.send_peer_gone(key, to);
+impl RemoteKeys for RemoteTable {
+    #[inline]
+    fn forward(&self, src: NodePublic, dst: NodePublic, payload: Bytes) -> Result<(), Bytes> {
+        RemoteTable::forward(self, src, dst, payload)
+    }
+
+    fn note_receiver(&self, src: NodePublic, dst: NodePublic, conn: ConnId) {
+        RemoteTable::note_receiver(self, src, dst, conn)
+    }
+
+    fn local_key_left(&self, key: NodePublic, receivers: SentTo) -> SentTo {
+        RemoteTable::local_key_left(self, key, receivers)
+    }
+
+    fn contains(&self, key: &NodePublic) -> bool {
+        RemoteTable::contains(self, key)
+    }
+
+    fn len(&self) -> usize {
+        RemoteTable::len(self)
     }
 }
 
@@ -206,6 +233,39 @@ mod tests {
 
     fn k(n: u8) -> NodePublic {
         NodePublic([n; 32])
+    }
+
+    /// A registry with a table attached, as a meshed relay's.
+    struct Reg {
+        registry: Registry,
+        remote: Arc<RemoteTable>,
+    }
+
+    impl std::ops::Deref for Reg {
+        type Target = Registry;
+        fn deref(&self) -> &Registry {
+            &self.registry
+        }
+    }
+
+    fn meshed_registry() -> Reg {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::new(metrics.clone());
+        let remote = Arc::new(RemoteTable::new(&metrics));
+        assert!(registry.remote.attach(remote.clone()).is_ok());
+        Reg { registry, remote }
+    }
+
+    fn peer_present(reg: &Reg, key: NodePublic, queue: &Arc<ForwardQueue>) {
+        reg.remote.peer_present(reg, key, queue)
+    }
+
+    fn peer_gone(reg: &Reg, key: NodePublic, link: LinkId) {
+        reg.remote.peer_gone(reg, key, link)
+    }
+
+    fn link_down(reg: &Reg, link: LinkId) {
+        reg.remote.link_down(reg, link)
     }
 
     fn conn(reg: &Registry, key: NodePublic) -> Arc<ClientConn> {
@@ -251,7 +311,7 @@ mod tests {
     /// clients that received from it get PeerGone(Disconnected).
     #[test]
     fn last_forwarder_gone_tells_receivers() {
-        let reg = Registry::new(Arc::new(Metrics::new()));
+        let reg = meshed_registry();
         let r = conn(&reg, k(1));
         let (q1, q2) = (queue(1), queue(2));
         peer_present(&reg, k(9), &q1);
@@ -276,7 +336,7 @@ mod tests {
     /// its local departure waits for the mesh before telling receivers.
     #[test]
     fn local_and_remote_key_leaves_only_when_both_are_gone() {
-        let reg = Registry::new(Arc::new(Metrics::new()));
+        let reg = meshed_registry();
         let r = conn(&reg, k(1));
         let x = conn(&reg, k(2));
         let q = queue(1);

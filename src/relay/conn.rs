@@ -2,6 +2,7 @@
 //! signal that closes it. Shared between its reader, its writer and the
 //! registry (through which other connections reach it).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -13,6 +14,10 @@ use crate::proto::NodePublic;
 
 /// Process-unique connection number.
 pub type ConnId = u64;
+
+/// Destinations a connection has sent packets to: destination key → the
+/// destination's connection at that time. Used for PeerGone(Disconnected).
+pub type SentTo = HashMap<NodePublic, ConnId>;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 

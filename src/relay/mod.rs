@@ -2,13 +2,16 @@
 //! the handshake, registers clients and forwards their packets.
 //!
 //! Each client is a reader (the task that accepted it) plus a writer task,
-//! joined by the client's bounded [`outbox::Outbox`].
+//! joined by the client's bounded [`outbox::Outbox`]. Keys connected to other
+//! relays are reached through the [`remote::RemoteKeys`] seam, which the mesh
+//! implements; the relay core names no mesh type.
 
 pub mod conn;
 pub mod outbox;
 pub mod ratelimit;
 pub mod reader;
 pub mod registry;
+pub mod remote;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -31,6 +34,7 @@ use outbox::Outbox;
 pub use ratelimit::ClientRateLimit;
 use reader::{Reader, ReaderEnd};
 use registry::Registry;
+pub use remote::RemoteKeys;
 
 /// Tunables of the relay core.
 #[derive(Debug, Clone)]
@@ -88,8 +92,6 @@ pub struct Shared {
     mesh_key: Option<MeshKey>,
     /// Connected clients (and keys known through the mesh).
     pub registry: Registry,
-    /// This relay's links to its mesh peers.
-    pub mesh: crate::mesh::Mesh,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled when the relay shuts down.
@@ -181,14 +183,12 @@ impl Relay {
         metrics: Arc<Metrics>,
     ) -> Relay {
         let public_key = private_key.public();
-        let mesh = crate::mesh::Mesh::new(private_key.clone(), mesh_key.clone());
         Relay {
             shared: Arc::new(Shared {
                 private_key,
                 public_key,
                 mesh_key,
                 registry: Registry::new(metrics.clone()),
-                mesh,
                 metrics,
                 shutdown: CancellationToken::new(),
                 client_rate: parking_lot::RwLock::new(config.client_rate),
@@ -215,9 +215,10 @@ impl Relay {
         &self.shared.metrics
     }
 
-    /// The relay's mesh links: set peers, read status.
-    pub fn mesh(&self) -> crate::mesh::MeshHandle {
-        crate::mesh::MeshHandle::new(self.shared.clone())
+    /// Attaches what knows about keys connected to other relays (the
+    /// mesh); once per relay. Returns `keys` back if one is attached.
+    pub fn attach_remote<T: RemoteKeys>(&self, keys: Arc<T>) -> Result<(), Arc<T>> {
+        self.shared.registry.remote.attach(keys)
     }
 
     /// Sets (or clears) the admission check applied to every new non-mesh

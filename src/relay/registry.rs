@@ -1,6 +1,6 @@
 //! Who is connected: node keys → connections, duplicate-connection policy,
-//! mesh watchers, and (in [`crate::mesh::RemoteTable`]) keys connected to
-//! mesh peers.
+//! mesh watchers, and (through the [`Remote`] seam) keys connected to mesh
+//! peers.
 //!
 //! Packet routing only reads the sharded map (no global lock). Membership
 //! changes (connect, disconnect, a watcher subscribing) additionally take one
@@ -13,7 +13,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+pub use super::conn::SentTo;
 use super::conn::{ClientConn, ConnId};
+use super::remote::Remote;
 use crate::metrics::Metrics;
 use crate::proto::{Frame, NodePublic, PeerGoneReason};
 
@@ -32,17 +34,14 @@ struct ClientSet {
     sent_to: HashMap<NodePublic, ConnId>,
 }
 
-/// Destinations a connection has sent packets to: destination key → the
-/// destination's connection at that time. Used for PeerGone(Disconnected).
-pub type SentTo = HashMap<NodePublic, ConnId>;
-
 /// The registry of connected clients.
 pub struct Registry {
     clients: DashMap<NodePublic, ClientSet>,
     watchers: Mutex<HashMap<ConnId, Arc<ClientConn>>>,
     metrics: Arc<Metrics>,
-    /// Keys connected to mesh peers, and how to forward to them.
-    pub remote: crate::mesh::RemoteTable,
+    /// Keys connected to mesh peers, and how to forward to them (empty
+    /// until the mesh attaches itself).
+    pub remote: Remote,
 }
 
 impl Registry {
@@ -51,7 +50,7 @@ impl Registry {
         Registry {
             clients: DashMap::new(),
             watchers: Mutex::new(HashMap::new()),
-            remote: crate::mesh::RemoteTable::new(&metrics),
+            remote: Remote::new(),
             metrics,
         }
     }

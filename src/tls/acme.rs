@@ -36,9 +36,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     cert_file_name, certified_key_from_pem, ensure_dir, error_chain, leaf_info, write_file_atomic,
-    CertCounters, SwappableCert, TlsError,
+    CertCounters, SwappableCert, TlsError, TlsSettings,
 };
-use crate::config::TlsSettings;
 
 /// Account key file in certdir (autocert's name).
 pub const ACCOUNT_KEY_FILE: &str = "acme_account+key";

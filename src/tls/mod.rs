@@ -15,6 +15,7 @@
 
 pub mod acme;
 pub mod manual;
+mod settings;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -30,8 +31,8 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CertMode, TlsSettings};
 use crate::proto::NodePublic;
+pub use settings::{CertMode, TlsSettings};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]

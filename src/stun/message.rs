@@ -1,29 +1,9 @@
-//! Minimal STUN server answering Tailscale binding requests.
-//!
-//! This mirrors the behaviour Tailscale clients (netcheck) expect from a DERP
-//! node's STUN port:
-//!
-//! * Only Binding Requests that look exactly like a Tailscale client's are
-//!   answered: a `SOFTWARE` attribute with value `tailnode` must be present and
-//!   the last attribute must be a correct `FINGERPRINT`. Everything else is
-//!   silently ignored (and counted as `not_stun`).
-//! * The answer is a Binding Success response carrying a single
-//!   `XOR-MAPPED-ADDRESS` attribute and nothing else, so a response is never
-//!   larger than needed (32 bytes for IPv4 sources, 44 bytes for IPv6 sources).
-//!   IPv4-mapped IPv6 sources (from a dual-stack socket) are answered as IPv4.
-//!
-//! The packet codec ([`parse_binding_request`], [`binding_response`],
-//! [`is_stun_packet`]) is pure, allocation-free and never panics; [`serve`] is
-//! the UDP loop around it.
+//! STUN messages, free of I/O: recognising a Tailscale binding request and
+//! writing the answer. Pure, allocation-free and panic-free on any input, so
+//! unit tests and the fuzzer call it directly.
 
 use std::fmt;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::net::UdpSocket;
 
 /// The STUN magic cookie (RFC 5389), bytes 4–7 of every STUN message.
 pub const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
@@ -33,11 +13,9 @@ pub const HEADER_LEN: usize = 20;
 pub const MAX_RESPONSE_LEN: usize = 44;
 /// Size of a response to an IPv4 source.
 pub const IPV4_RESPONSE_LEN: usize = 32;
-/// Default UDP port of the STUN server.
-pub const DEFAULT_PORT: u16 = 3478;
 
 const BINDING_REQUEST: [u8; 2] = [0x00, 0x01];
-const BINDING_SUCCESS: [u8; 2] = [0x01, 0x01];
+pub(crate) const BINDING_SUCCESS: [u8; 2] = [0x01, 0x01];
 const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 const ATTR_SOFTWARE: u16 = 0x8022;
 const ATTR_FINGERPRINT: u16 = 0x8028;
@@ -45,11 +23,6 @@ const SOFTWARE_VALUE: &[u8] = b"tailnode";
 const FINGERPRINT_XOR: u32 = 0x5354_554E;
 const FAMILY_IPV4: u8 = 0x01;
 const FAMILY_IPV6: u8 = 0x02;
-
-/// Receive buffer size: any UDP datagram fits, so nothing is truncated.
-const RECV_BUF_LEN: usize = 64 * 1024;
-/// Pause after a socket read error so a persistent error cannot spin the loop.
-const READ_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A 96-bit STUN transaction ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -215,130 +188,15 @@ fn xor_into(dst: &mut [u8], src: &[u8], key: &[u8]) {
 }
 
 /// Maps `::ffff:a.b.c.d` to `a.b.c.d`; other addresses are returned unchanged.
-fn unmap(ip: IpAddr) -> IpAddr {
+pub fn unmap(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
 
-/// Counters of the STUN server (Tailscale's `stun` expvar set).
-///
-/// `success`, `not_stun`, `read_error` and `write_error` are the request
-/// dispositions; `ipv4` / `ipv6` count the address family of every accepted
-/// request (IPv4-mapped IPv6 sources count as IPv4).
-#[derive(Debug, Default)]
-pub struct StunStats {
-    /// Requests answered successfully.
-    pub success: AtomicU64,
-    /// Datagrams ignored because they were not a valid Tailscale binding request.
-    pub not_stun: AtomicU64,
-    /// Socket receive errors.
-    pub read_error: AtomicU64,
-    /// Failures sending a response.
-    pub write_error: AtomicU64,
-    /// Accepted requests from IPv4 sources.
-    pub ipv4: AtomicU64,
-    /// Accepted requests from IPv6 sources.
-    pub ipv6: AtomicU64,
-}
-
-/// A point-in-time copy of [`StunStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StunStatsSnapshot {
-    /// See [`StunStats::success`].
-    pub success: u64,
-    /// See [`StunStats::not_stun`].
-    pub not_stun: u64,
-    /// See [`StunStats::read_error`].
-    pub read_error: u64,
-    /// See [`StunStats::write_error`].
-    pub write_error: u64,
-    /// See [`StunStats::ipv4`].
-    pub ipv4: u64,
-    /// See [`StunStats::ipv6`].
-    pub ipv6: u64,
-}
-
-impl StunStats {
-    /// Returns zeroed counters.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Reads all counters (each individually; not an atomic snapshot).
-    pub fn snapshot(&self) -> StunStatsSnapshot {
-        StunStatsSnapshot {
-            success: self.success.load(Ordering::Relaxed),
-            not_stun: self.not_stun.load(Ordering::Relaxed),
-            read_error: self.read_error.load(Ordering::Relaxed),
-            write_error: self.write_error.load(Ordering::Relaxed),
-            ipv4: self.ipv4.load(Ordering::Relaxed),
-            ipv6: self.ipv6.load(Ordering::Relaxed),
-        }
-    }
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Runs the STUN server on `socket` until `shutdown` completes.
-///
-/// Valid Tailscale binding requests are answered to their source address;
-/// everything else is ignored. Read errors are logged and followed by a
-/// one-second pause.
-pub async fn serve(
-    socket: Arc<UdpSocket>,
-    stats: Arc<StunStats>,
-    shutdown: impl Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    let mut buf = vec![0u8; RECV_BUF_LEN];
-    let mut resp = [0u8; MAX_RESPONSE_LEN];
-    loop {
-        let received = tokio::select! {
-            biased;
-            () = &mut shutdown => return,
-            r = socket.recv_from(&mut buf) => r,
-        };
-        let (n, src) = match received {
-            Ok(v) => v,
-            Err(err) => {
-                bump(&stats.read_error);
-                tracing::warn!(error = %err, "STUN: UDP read error");
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => return,
-                    () = tokio::time::sleep(READ_ERROR_BACKOFF) => continue,
-                }
-            }
-        };
-        let pkt = buf.get(..n).unwrap_or_default();
-        let tx = match parse_binding_request(pkt) {
-            Ok(tx) => tx,
-            Err(_) => {
-                bump(&stats.not_stun);
-                continue;
-            }
-        };
-        match unmap(src.ip()) {
-            IpAddr::V4(_) => bump(&stats.ipv4),
-            IpAddr::V6(_) => bump(&stats.ipv6),
-        }
-        let len = binding_response(&tx, src, &mut resp);
-        match socket.send_to(&resp[..len], src).await {
-            Ok(_) => bump(&stats.success),
-            Err(err) => {
-                bump(&stats.write_error);
-                tracing::debug!(error = %err, %src, "STUN: UDP write error");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bytecodec::{DecodeExt, EncodeExt};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
@@ -350,7 +208,7 @@ mod tests {
 
     /// A Tailscale binding request, byte for byte; the fingerprint was
     /// computed independently (Python `zlib.crc32(...) ^ 0x5354554e`).
-    const TS_REQUEST: [u8; 40] = [
+    pub(crate) const TS_REQUEST: [u8; 40] = [
         0x00, 0x01, 0x00, 0x14, // Binding Request, length 20
         0x21, 0x12, 0xA4, 0x42, // cookie
         1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, // txid
@@ -383,7 +241,11 @@ mod tests {
         v
     }
 
-    fn encode_with_stun_codec(tx: [u8; 12], software: Option<&str>, fp: bool) -> Vec<u8> {
+    pub(crate) fn encode_with_stun_codec(
+        tx: [u8; 12],
+        software: Option<&str>,
+        fp: bool,
+    ) -> Vec<u8> {
         let mut msg =
             Message::<Attribute>::new(MessageClass::Request, BINDING, TransactionId::new(tx));
         if let Some(s) = software {
@@ -398,7 +260,7 @@ mod tests {
             .expect("encode")
     }
 
-    fn decode_with_stun_codec(bytes: &[u8]) -> Message<Attribute> {
+    pub(crate) fn decode_with_stun_codec(bytes: &[u8]) -> Message<Attribute> {
         MessageDecoder::<Attribute>::new()
             .decode_from_bytes(bytes)
             .expect("decode")
@@ -774,135 +636,5 @@ mod tests {
             }
         }
         assert!(accepted >= 1500, "valid requests must be accepted");
-    }
-
-    async fn spawn_server(
-        bind: &str,
-    ) -> std::io::Result<(
-        SocketAddr,
-        Arc<StunStats>,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    )> {
-        let sock = Arc::new(UdpSocket::bind(bind).await?);
-        let addr = sock.local_addr()?;
-        let stats = Arc::new(StunStats::new());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(serve(sock, stats.clone(), async move {
-            let _ = rx.await;
-        }));
-        Ok((addr, stats, tx, handle))
-    }
-
-    async fn recv_reply(client: &UdpSocket) -> Option<Vec<u8>> {
-        let mut buf = [0u8; 1500];
-        match tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await {
-            Ok(r) => Some(buf[..r.expect("recv")].to_vec()),
-            Err(_) => None,
-        }
-    }
-
-    /// Sends a third-party-encoded Tailscale request and checks the reply.
-    async fn roundtrip(client: &UdpSocket, server: SocketAddr, tx: [u8; 12], want: SocketAddr) {
-        let req = encode_with_stun_codec(tx, Some("tailnode"), true);
-        client.send_to(&req, server).await.unwrap();
-        let reply = recv_reply(client).await.expect("no STUN reply");
-        let want_len = if want.is_ipv4() { 32 } else { 44 };
-        assert_eq!(reply.len(), want_len);
-        let m = decode_with_stun_codec(&reply);
-        assert_eq!(m.class(), MessageClass::SuccessResponse);
-        assert_eq!(m.method(), BINDING);
-        assert_eq!(m.transaction_id().as_bytes(), &tx);
-        assert_eq!(m.attributes().count(), 1);
-        let x = m.get_attribute::<XorMappedAddress>().expect("xor-mapped");
-        assert_eq!(x.address(), want);
-    }
-
-    async fn wait_for(stats: &StunStats, pred: impl Fn(StunStatsSnapshot) -> bool) {
-        for _ in 0..200 {
-            if pred(stats.snapshot()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("stats never matched: {:?}", stats.snapshot());
-    }
-
-    #[tokio::test]
-    async fn loopback_ipv4() {
-        let (server, stats, stop, handle) = spawn_server("127.0.0.1:0").await.unwrap();
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let me = client.local_addr().unwrap();
-
-        roundtrip(&client, server, [7; 12], me).await;
-        wait_for(&stats, |s| s.success == 1).await;
-
-        // Malformed, non-binding STUN, and a non-Tailscale request: no reply.
-        let mut not_binding = TS_REQUEST;
-        not_binding[0..2].copy_from_slice(&BINDING_SUCCESS);
-        let generic = encode_with_stun_codec([8; 12], None, true);
-        for bad in [&b"hello, not stun at all"[..], &not_binding, &generic, &[]] {
-            client.send_to(bad, server).await.unwrap();
-        }
-        assert_eq!(
-            recv_reply(&client).await,
-            None,
-            "ignored packets got a reply"
-        );
-        wait_for(&stats, |s| s.not_stun == 4).await;
-
-        // Still serving afterwards.
-        roundtrip(&client, server, [9; 12], me).await;
-        wait_for(&stats, |s| s.success == 2).await;
-        let s = stats.snapshot();
-        assert_eq!(
-            s,
-            StunStatsSnapshot {
-                success: 2,
-                not_stun: 4,
-                read_error: 0,
-                write_error: 0,
-                ipv4: 2,
-                ipv6: 0,
-            }
-        );
-
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), handle)
-            .await
-            .expect("serve did not stop on shutdown")
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn loopback_ipv6_and_dual_stack() {
-        // Skip quietly where the machine has no IPv6 loopback.
-        let Ok(client6) = UdpSocket::bind("[::1]:0").await else {
-            eprintln!("no IPv6 loopback; skipping");
-            return;
-        };
-        let (server, stats, stop, handle) = spawn_server("[::]:0").await.unwrap();
-        let server6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), server.port());
-        roundtrip(&client6, server6, [1; 12], client6.local_addr().unwrap()).await;
-
-        // On a dual-stack socket an IPv4 client shows up as ::ffff:127.0.0.1
-        // and must still get the 32-byte IPv4 answer.
-        if let Ok(client4) = UdpSocket::bind("127.0.0.1:0").await {
-            let server4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server.port());
-            if client4.send_to(&TS_REQUEST, server4).await.is_ok() {
-                if let Some(reply) = recv_reply(&client4).await {
-                    assert_eq!(reply.len(), 32);
-                    let m = decode_with_stun_codec(&reply);
-                    let x = m.get_attribute::<XorMappedAddress>().unwrap();
-                    assert_eq!(x.address(), client4.local_addr().unwrap());
-                    wait_for(&stats, |s| s.ipv4 == 1).await;
-                } else {
-                    eprintln!("[::] is IPv6-only here; dual-stack part skipped");
-                }
-            }
-        }
-        wait_for(&stats, |s| s.ipv6 == 1).await;
-        stop.send(()).unwrap();
-        handle.await.unwrap();
     }
 }

@@ -1,11 +1,12 @@
-//! Resolving the companion's flags/TOML keys into a [`CompanionConfig`].
+//! Resolving the companion's flags/TOML keys into the companion's own
+//! [`CompanionConfig`].
 
 use std::time::Duration;
 
-use super::admission::{Policy, UrlConfig};
-use super::derpmap::DerpMap;
-use super::{CompanionConfig, HeadscaleSource};
-use crate::config::{parse_duration, ConfigError, Settings};
+use super::{parse_duration, ConfigError, Settings};
+use crate::companion::admission::{Policy, UrlConfig};
+use crate::companion::derpmap::DerpMap;
+use crate::companion::{CompanionConfig, HeadscaleSource};
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -41,6 +42,22 @@ fn mesh_peers(s: &Settings) -> Vec<String> {
 
 /// The companion settings; `None` when no companion key is set.
 pub fn resolve(s: &Settings) -> Result<Option<CompanionConfig>, ConfigError> {
+    if let Some(p) = &s.headscale_ca_file {
+        crate::trust::roots(Some(p)).map_err(|e| invalid("headscale-ca-file", e.to_string()))?;
+    }
+    let mut shrink = crate::companion::shrink::ShrinkPolicy::default();
+    if let Some(f) = s.headscale_max_shrink {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(invalid(
+                "headscale-max-shrink",
+                format!("{f} must be a fraction from 0 to 1 (1 turns the guard off)"),
+            ));
+        }
+        shrink.max_fraction = f;
+    }
+    if let Some(d) = &s.headscale_shrink_confirm {
+        shrink.confirm_after = parse_duration("headscale-shrink-confirm", d)?;
+    }
     let verify_clients = match s.verify_clients.as_deref().map(str::trim) {
         None | Some("" | "false" | "none" | "off") => false,
         Some("headscale") => true,
@@ -154,24 +171,8 @@ pub fn resolve(s: &Settings) -> Result<Option<CompanionConfig>, ConfigError> {
     let state_dir = match (&s.state_dir, s.is_dev()) {
         (Some(d), _) => Some(d.clone()),
         (None, true) => None,
-        (None, false) => Some(crate::config::default_state_dir()),
+        (None, false) => Some(super::default_state_dir()),
     };
-    let mut shrink = super::shrink::ShrinkPolicy::default();
-    if let Some(f) = s.headscale_max_shrink {
-        if !(0.0..=1.0).contains(&f) {
-            return Err(invalid(
-                "headscale-max-shrink",
-                format!("{f} must be a fraction from 0 to 1 (1 turns the guard off)"),
-            ));
-        }
-        shrink.max_fraction = f;
-    }
-    if let Some(d) = &s.headscale_shrink_confirm {
-        shrink.confirm_after = parse_duration("headscale-shrink-confirm", d)?;
-    }
-    if let Some(p) = &s.headscale_ca_file {
-        crate::trust::roots(Some(p)).map_err(|e| invalid("headscale-ca-file", e.to_string()))?;
-    }
     Ok(Some(CompanionConfig {
         headscale,
         poll_interval,
