@@ -50,6 +50,15 @@ impl CompanionMetrics {
             "Admission decisions on new DERP clients, by result and reason.",
             &["result", "reason"],
         );
+        // Export the family from the start, so dashboards and alerts see zeros.
+        for (result, reason) in [
+            ("allow", Reason::Known),
+            ("deny", Reason::Unknown),
+            ("deny", Reason::Expired),
+            ("deny", Reason::NotAllowed),
+        ] {
+            decisions.with_label_values(&[result, reason.label()]);
+        }
         let replications = vec(
             r,
             "derpd_companion_snapshot_replications_total",

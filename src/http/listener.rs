@@ -3,6 +3,7 @@
 //! [`super::serve_stream`]. Over-limit connections are closed at once and
 //! counted; the loop itself never stops on a rejection.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ use crate::relay::ratelimit::TokenBucket;
 pub struct ConnLimiter {
     slots: Option<Arc<Semaphore>>,
     accept_rate: Option<Mutex<TokenBucket>>,
+    max: usize,
+    open: Arc<AtomicUsize>,
 }
 
 /// Why a connection was turned away.
@@ -43,7 +46,16 @@ impl Rejection {
 }
 
 /// Held for as long as an admitted connection lives.
-pub struct Slot(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+pub struct Slot {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl ConnLimiter {
     /// Limits as configured (zeros mean unlimited).
@@ -57,7 +69,19 @@ impl ConnLimiter {
                     f64::from(limits.accept_burst.max(1)),
                 ))
             }),
+            max: limits.max_connections,
+            open: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The configured `max-connections` (0 = unlimited).
+    pub fn max_connections(&self) -> usize {
+        self.max
+    }
+
+    /// Admitted connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Admits a new connection or says why not.
@@ -67,14 +91,19 @@ impl ConnLimiter {
                 return Err(Rejection::AcceptRate);
             }
         }
-        match &self.slots {
-            Some(s) => s
-                .clone()
-                .try_acquire_owned()
-                .map(|p| Slot(Some(p)))
-                .map_err(|_| Rejection::MaxConnections),
-            None => Ok(Slot(None)),
-        }
+        let permit = match &self.slots {
+            Some(s) => Some(
+                s.clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Rejection::MaxConnections)?,
+            ),
+            None => None,
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            _permit: permit,
+            open: self.open.clone(),
+        })
     }
 }
 
@@ -166,7 +195,9 @@ mod tests {
         let a = l.admit().unwrap();
         let _b = l.admit().unwrap();
         assert_eq!(l.admit().err(), Some(Rejection::MaxConnections));
+        assert_eq!((l.open(), l.max_connections()), (2, 2));
         drop(a);
+        assert_eq!(l.open(), 1);
         assert!(l.admit().is_ok());
     }
 
