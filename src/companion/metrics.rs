@@ -71,6 +71,17 @@ impl CompanionMetrics {
             "POST /verify answers, by result (allow, deny, bad_request).",
             &["result"],
         );
+        for (direction, result) in [
+            ("served", "ok"),
+            ("served", "denied"),
+            ("fetched", "installed"),
+            ("fetched", "error"),
+        ] {
+            replications.with_label_values(&[direction, result]);
+        }
+        for result in ["allow", "deny", "bad_request"] {
+            verify_requests.with_label_values(&[result]);
+        }
         let (c1, c2) = (cache.clone(), cache);
         for m in [
             CallbackMetric::new(
