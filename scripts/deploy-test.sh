@@ -59,7 +59,8 @@ debian_kubectl() {
     local dir="$work/debian-kubectl"
     if [ ! -x "$dir/usr/bin/kubectl" ]; then
         mkdir -p "$dir"
-        (cd "$dir" && apt-get download -qq kubernetes-client >/dev/null &&
+        local get="apt-get download -qq -o APT::Sandbox::User=root kubernetes-client"
+        (cd "$dir" && { $get >/dev/null 2>&1 || { apt-get update -qq && $get >/dev/null; }; } &&
             dpkg-deb -x kubernetes-client_*.deb .) || return 1
     fi
     echo "$dir/usr/bin/kubectl"
@@ -71,7 +72,7 @@ kustomize_one() { # KUBECTL DIR OUT
     "$kubectl" kustomize "$dir" >"$out" 2>"$out.err" || { cat "$out.err"; return 1; }
     grep -v "deprecated" "$out.err" || true
     $check kustomize-render "$out" || return 1
-    kubernetes-validate --strict "$out" >"$out.validate" 2>&1
+    python3 -m kubernetes_validate --strict "$out" >"$out.validate" 2>&1
     local rc=$?
     $check validate-output "$out.validate" || return 1
     [ $rc -eq 0 ] || { cat "$out.validate"; return 1; }
@@ -91,6 +92,8 @@ check_kubernetes() {
             kustomize_one "$k" "$d" "$work/render-$n.yaml" || return 1
         done
     done
+    echo "-- derpd and the base's derpd.toml, derpmap.json, placeholder Secrets"
+    $check base-config "$derpd"
 }
 
 # --- Prometheus ----------------------------------------------------------------

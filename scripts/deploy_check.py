@@ -7,6 +7,8 @@ message saying what is wrong.
   kustomize-render FILE    the render has a StatefulSet, Services, Secrets, a PDB
   validate-output FILE     kubernetes-validate --strict output: all passed
   live DERPD PROMETHEUS    real derpd relays + real Prometheus with the rules
+  base-config DERPD        derpd runs with the Kubernetes base's derpd.toml and
+                           derpmap.json, and refuses the placeholder mesh key
   free-port                print a free loopback port (TCP and UDP)
   wait-healthy URL         wait until URL answers 200
 """
@@ -398,12 +400,69 @@ def _live(derpd, prometheus, tmp, start):
     print(f"{len(exprs)} expressions evaluated by Prometheus; no false alert")
 
 
+def base_config(derpd):
+    """derpd starts with deploy/kubernetes/base/derpd.toml (file paths and
+    the certificate mode overridden for loopback), serves the base's DERP
+    map, and refuses to start with the placeholder mesh key of the base's
+    Secret."""
+    base = os.path.join(ROOT, "deploy", "kubernetes", "base")
+    with open(os.path.join(base, "kustomization.yaml")) as f:
+        kust = yaml.safe_load(f)
+    placeholders = {}
+    for g in kust["secretGenerator"]:
+        for lit in g["literals"]:
+            k, v = lit.split("=", 1)
+            placeholders[k] = v
+    tmp = tempfile.mkdtemp(prefix="derpd-base-config-")
+    p = None
+    try:
+        with open(os.path.join(base, "derpd.toml")) as f:
+            toml = f.read().replace("/etc/derpd/config/derpmap.json",
+                                    os.path.join(base, "derpmap.json"))
+        cfg = os.path.join(tmp, "derpd.toml")
+        with open(cfg, "w") as f:
+            f.write(toml)
+        mesh = os.path.join(tmp, "mesh.key")
+        with open(mesh, "w") as f:
+            f.write(placeholders["mesh.key"] + "\n")
+        api = os.path.join(tmp, "api.key")
+        with open(api, "w") as f:
+            f.write(placeholders["api.key"] + "\n")
+        port, stun = free_port(), free_port()
+        common = [derpd, "serve", "--config", cfg, "--certmode", "none", "--http-port", "-1",
+                  "--addr", f"127.0.0.1:{port}", "--stun-port", str(stun), "--metrics-addr", "off",
+                  "--state-dir", os.path.join(tmp, "state"), "--headscale-api-key-file", api,
+                  "--headscale-url", "http://127.0.0.1:9"]
+        r = subprocess.run(common + ["--mesh-psk-file", mesh], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode == 0 or "mesh-psk-file" not in r.stderr:
+            fail(f"derpd did not refuse the placeholder mesh key: rc {r.returncode}, {r.stderr}")
+        print("placeholder mesh key refused:", r.stderr.strip().splitlines()[-1])
+        with open(mesh, "w") as f:
+            f.write(subprocess.check_output([derpd, "keygen", "--mesh"], text=True))
+        log = open(os.path.join(tmp, "derpd.log"), "w")
+        p = subprocess.Popen(common + ["--mesh-psk-file", mesh], stdout=log,
+                             stderr=subprocess.STDOUT)
+        status, body = wait_for("derpd with the base config serving /derpmap.json", lambda: (
+            lambda r: (r[0] == 200, r))(http_get(f"http://127.0.0.1:{port}/derpmap.json")))
+        regions = json.loads(body)["Regions"]
+        with open(os.path.join(base, "derpmap.json")) as f:
+            if regions != json.load(f)["Regions"]:
+                fail(f"/derpmap.json differs from the base's derpmap.json: {body}")
+        print(f"base config accepted; /derpmap.json serves region(s) {sorted(regions)}")
+    finally:
+        if p and p.poll() is None:
+            p.kill()
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     if len(sys.argv) < 2:
         fail(__doc__)
     cmd, args = sys.argv[1], sys.argv[2:]
     {"alert-tests": alert_tests, "kustomize-render": kustomize_render,
-     "validate-output": validate_output, "live": live,
+     "validate-output": validate_output, "live": live, "base-config": base_config,
      "free-port": lambda: print(free_port()),
      "wait-healthy": lambda url: wait_for(
          url, lambda: (lambda r: (r[0] == 200, r))(http_get(url)), timeout=30)}[cmd](*args)

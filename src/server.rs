@@ -289,7 +289,10 @@ fn register_limit_metrics(metrics: &Metrics, limiter: &Arc<ConnLimiter>) {
             move || Some(b.max_connections() as f64),
         ),
     ] {
-        metrics.registry.register(Box::new(m)).expect("unique metric");
+        metrics
+            .registry
+            .register(Box::new(m))
+            .expect("unique metric");
     }
 }
 

@@ -33,7 +33,9 @@ async fn ts_derp_clients_relay_through_the_running_relay() {
     );
     let a = ts_client(&ka).await;
     let b = ts_client(&kb).await;
-    a.send_one(kb.public, b"through the container").await.unwrap();
+    a.send_one(kb.public, b"through the container")
+        .await
+        .unwrap();
     let (src, got) = timeout(ARRIVES, b.recv_one())
         .await
         .expect("packet arrives")

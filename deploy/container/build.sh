@@ -33,7 +33,7 @@ mkdir -p "$ctx/out/state"
 cp "$bin" "$ctx/out/derpd"
 strip "$ctx/out/derpd"
 sed -n '/^FROM scratch AS runtime/,$p' "$here/Dockerfile" |
-    sed 's#--from=build /out/#out/#' >"$ctx/Dockerfile"
+    sed -e 's#--from=build ##' -e 's# /out/# out/#g' >"$ctx/Dockerfile"
 grep -q '^FROM scratch AS runtime' "$ctx/Dockerfile" ||
     { echo "build.sh: no runtime stage in $here/Dockerfile" >&2; exit 1; }
 docker build --quiet -t "$tag" "$ctx" >/dev/null
