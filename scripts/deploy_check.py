@@ -248,7 +248,10 @@ def prom_api(base, path, **params):
     status, body = http_get(url)
     if status is None:
         return None
-    return json.loads(body)
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None  # e.g. 503 "Service Unavailable" while Prometheus starts
 
 
 def live(derpd, prometheus):
@@ -367,14 +370,22 @@ def _live(derpd, prometheus, tmp, start):
             (x["scrapeUrl"], x["health"], x.get("lastError")) for x in t]
     print("targets:", wait_for("both relays scraped and up", targets_up))
 
+    # Rules evaluated after both targets had been scraped at least once more.
+    t0 = float(prom_api(base, "/api/v1/query", query="time()")["data"]["result"][0]) + 2
+
+    def evaluated_at(rule):
+        m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z", rule.get("lastEvaluation", ""))
+        if not m:
+            return 0.0
+        t = time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        return t + float(m.group(2) or 0)
+
     def rules_evaluated():
         r = prom_api(base, "/api/v1/rules")
         if not r:
             return False, "Prometheus not answering"
         rules = [x for g in r["data"]["groups"] for x in g["rules"]]
-        done = rules and all(
-            x.get("health") in ("ok", "err") and not x.get("lastEvaluation", "0001").startswith("0001")
-            for x in rules)
+        done = rules and all(evaluated_at(x) > t0 for x in rules)
         return bool(done), rules
     rules = wait_for("every rule evaluated", rules_evaluated)
     errors = [(x["name"], x.get("lastError")) for x in rules if x["health"] != "ok"]
