@@ -4,13 +4,38 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# tests/acme.rs runs a real ACME test CA: Debian's pebble (+ pebble-challtestsrv).
-if ! command -v pebble >/dev/null 2>&1 || ! command -v pebble-challtestsrv >/dev/null 2>&1; then
-    echo "installing pebble (ACME test server) for tests/acme.rs"
+# Debian packages the tests use: pebble (+ pebble-challtestsrv) is the ACME
+# test CA of tests/acme.rs; scripts/deploy-test.sh tests deploy/ with Docker
+# (docker.io), promtool and Prometheus (prometheus), kubectl (kubernetes-client,
+# unless a kubectl is installed already), systemd-analyze (systemd) and ss
+# (iproute2).
+apt_packages=()
+command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 ||
+    apt_packages+=(pebble)
+command -v dockerd >/dev/null 2>&1 || apt_packages+=(docker.io)
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 ||
+    apt_packages+=(prometheus)
+command -v kubectl >/dev/null 2>&1 || apt_packages+=(kubernetes-client)
+command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
+# ss (iproute2) reads a listener's backlog in the listener tests.
+command -v ss >/dev/null 2>&1 || apt_packages+=(iproute2)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+    echo "installing ${apt_packages[*]} (Debian packages the tests use)"
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+fi
+# kubernetes-validate (PyPI) checks the rendered Kubernetes manifests.
+if ! python3 -c "import kubernetes_validate, yaml" >/dev/null 2>&1; then
+    echo "installing kubernetes-validate (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
 
 cargo test --locked --all-targets "$@"
+
+# The deployment files, against the real tools (only for the whole suite,
+# not when cargo test arguments pick some tests).
+if [ $# -eq 0 ]; then
+    ./scripts/deploy-test.sh
+fi

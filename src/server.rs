@@ -137,6 +137,7 @@ impl Server {
         )
         .with_websocket(config.websocket);
         let limiter = Arc::new(ConnLimiter::new(&config.limits));
+        register_limit_metrics(&metrics, &limiter);
         tasks.spawn(accept_loop(
             listener,
             tls.as_ref().map(|t| t.acceptor()),
@@ -279,6 +280,30 @@ impl Server {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
+    }
+}
+
+fn register_limit_metrics(metrics: &Metrics, limiter: &Arc<ConnLimiter>) {
+    use crate::metrics::CallbackMetric;
+    let (a, b) = (limiter.clone(), limiter.clone());
+    for m in [
+        CallbackMetric::new(
+            "derpd_connections_open",
+            "TCP connections admitted by the main listener and still open.",
+            false,
+            move || Some(a.open() as f64),
+        ),
+        CallbackMetric::new(
+            "derpd_max_connections",
+            "The configured --max-connections (0 = unlimited).",
+            false,
+            move || Some(b.max_connections() as f64),
+        ),
+    ] {
+        metrics
+            .registry
+            .register(Box::new(m))
+            .expect("unique metric");
     }
 }
 

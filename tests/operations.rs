@@ -154,9 +154,13 @@ async fn max_connections_is_enforced_and_counted() {
         ),
         1.0
     );
+    // The limit and the open connections are exported for alerting.
+    assert_eq!(metric(&server, "derpd_max_connections"), 2.0);
+    assert_eq!(metric(&server, "derpd_connections_open"), 2.0);
     // A slot frees when a client leaves.
     drop(a);
     assert!(eventually(|| metric(&server, "derp_current_connections") == 1.0).await);
+    assert!(eventually(|| metric(&server, "derpd_connections_open") == 1.0).await);
     let mut ok = false;
     for _ in 0..50 {
         if Client::connect(&server.url(), &NodePrivate::generate())

@@ -54,6 +54,15 @@ impl CompanionMetrics {
             "Admission decisions on new DERP clients, by result and reason.",
             &["result", "reason"],
         );
+        // Export the family from the start, so dashboards and alerts see zeros.
+        for (result, reason) in [
+            ("allow", Reason::Known),
+            ("deny", Reason::Unknown),
+            ("deny", Reason::Expired),
+            ("deny", Reason::NotAllowed),
+        ] {
+            decisions.with_label_values(&[result, reason.label()]);
+        }
         let replications = vec(
             r,
             "derpd_companion_snapshot_replications_total",
@@ -98,6 +107,17 @@ impl CompanionMetrics {
         .expect("valid metric");
         r.register(Box::new(shrink_holding.clone()))
             .expect("unique metric");
+        for (direction, result) in [
+            ("served", "ok"),
+            ("served", "denied"),
+            ("fetched", "installed"),
+            ("fetched", "error"),
+        ] {
+            replications.with_label_values(&[direction, result]);
+        }
+        for result in ["allow", "deny", "bad_request"] {
+            verify_requests.with_label_values(&[result]);
+        }
         let (c1, c2) = (cache.clone(), cache);
         for m in [
             CallbackMetric::new(

@@ -3,6 +3,7 @@
 //! [`super::serve_stream`]. Over-limit connections are closed at once and
 //! counted; the loop itself never stops on a rejection.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,8 @@ pub struct ConnLimiter {
     accept_rate: Option<Mutex<TokenBucket>>,
     /// Keepalive and user timeout set on every accepted connection.
     pub tcp: crate::sockopt::TcpTimeouts,
+    max: usize,
+    open: Arc<AtomicUsize>,
 }
 
 /// Why a connection was turned away.
@@ -71,7 +74,16 @@ impl Rejection {
 }
 
 /// Held for as long as an admitted connection lives.
-pub struct Slot(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+pub struct Slot {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl ConnLimiter {
     /// Limits as configured (zeros mean unlimited).
@@ -86,7 +98,19 @@ impl ConnLimiter {
                 ))
             }),
             tcp: limits.tcp,
+            max: limits.max_connections,
+            open: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The configured `max-connections` (0 = unlimited).
+    pub fn max_connections(&self) -> usize {
+        self.max
+    }
+
+    /// Admitted connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Admits a new connection or says why not.
@@ -96,14 +120,19 @@ impl ConnLimiter {
                 return Err(Rejection::AcceptRate);
             }
         }
-        match &self.slots {
-            Some(s) => s
-                .clone()
-                .try_acquire_owned()
-                .map(|p| Slot(Some(p)))
-                .map_err(|_| Rejection::MaxConnections),
-            None => Ok(Slot(None)),
-        }
+        let permit = match &self.slots {
+            Some(s) => Some(
+                s.clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Rejection::MaxConnections)?,
+            ),
+            None => None,
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            _permit: permit,
+            open: self.open.clone(),
+        })
     }
 }
 
@@ -286,7 +315,9 @@ mod tests {
         let a = l.admit().unwrap();
         let _b = l.admit().unwrap();
         assert_eq!(l.admit().err(), Some(Rejection::MaxConnections));
+        assert_eq!((l.open(), l.max_connections()), (2, 2));
         drop(a);
+        assert_eq!(l.open(), 1);
         assert!(l.admit().is_ok());
     }
 

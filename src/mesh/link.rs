@@ -124,7 +124,17 @@ pub fn backoff(failures: u32) -> Duration {
 pub async fn run(relay: Relay, mesh: Arc<Mesh>, link: Arc<Link>, ctx: Arc<LinkCtx>) {
     let final_state = run_inner(&relay, &mesh, &link, &ctx).await;
     let m = &mesh.table.metrics;
-    m.link_up.with_label_values(&[&link.spec.name]).set(0);
+    let label = [link.spec.name.as_str()];
+    if final_state == LinkState::SelfLink {
+        // This relay's own entry is not a link: export no series for it, so
+        // "mesh link down" alerts do not fire for it.
+        let _ = m.link_up.remove_label_values(&label);
+        let _ = m.link_reconnects.remove_label_values(&label);
+        let _ = m.link_dropped.remove_label_values(&label);
+        let _ = m.link_queued.remove_label_values(&label);
+    } else {
+        m.link_up.with_label_values(&label).set(0);
+    }
     mesh.table.link_down(&relay.shared().registry, link.id);
     link.queue.clear();
     link.set(|s| {

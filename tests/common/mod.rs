@@ -44,11 +44,15 @@ pub fn to_ts(k: &NodePublic) -> ts_keys::NodePublicKey {
 /// Opens a TCP connection, sends an HTTP upgrade the way `method` says and
 /// reads the response head exactly up to the blank line.
 pub async fn upgraded_stream(server: &Server, method: &str) -> TcpStream {
-    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+    upgraded_stream_to(server.addr, method).await
+}
+
+/// [`upgraded_stream`] to any relay's address.
+pub async fn upgraded_stream_to(addr: std::net::SocketAddr, method: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
     s.set_nodelay(true).unwrap();
     let req = format!(
-        "{method} /derp HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
-        server.addr
+        "{method} /derp HTTP/1.1\r\nHost: {addr}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();

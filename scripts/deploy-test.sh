@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Tests the deployment files in deploy/ with the real tools that consume
+# them: Docker (the image), kubectl's kustomize + kubernetes-validate (the
+# Kubernetes manifests), promtool and a real Prometheus (alert rules and
+# dashboard queries against running relays), systemd-analyze (the unit).
+# scripts/test.sh installs the tools and runs this; it needs root (Docker).
+#
+# Prints "ok:" or "FAILED:" per check and a closing "N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work="$root/target/deploy-test"
+mkdir -p "$work"
+derpd="$root/target/debug/derpd"
+check="python3 $root/scripts/deploy_check.py"
+
+passed=0
+failed=0
+failures=()
+run() {
+    local name=$1
+    shift
+    echo
+    echo "== deploy: $name"
+    if "$@"; then
+        echo "ok: $name"
+        passed=$((passed + 1))
+    else
+        echo "FAILED: $name"
+        failed=$((failed + 1))
+        failures+=("$name")
+    fi
+}
+
+# --- cleanup of everything this script starts ------------------------------
+tag="derpd-deploy-test:$$"
+container="derpd-deploy-test-$$"
+volume="derpd-deploy-test-$$"
+started_dockerd=""
+cleanup() {
+    if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+        docker rm -f "$container" >/dev/null 2>&1 || true
+        docker volume rm "$volume" >/dev/null 2>&1 || true
+        docker rmi -f "$tag" >/dev/null 2>&1 || true
+    fi
+    if [ -n "$started_dockerd" ]; then
+        kill "$started_dockerd" 2>/dev/null || true
+        wait "$started_dockerd" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+
+# --- Kubernetes --------------------------------------------------------------
+
+# Debian's kubectl (1.20, with the old kustomize v2 inside), unpacked into
+# target/ when the kubectl on PATH is another one, so the manifests are
+# rendered by both the old and a current kustomize.
+debian_kubectl() {
+    local dir="$work/debian-kubectl"
+    if [ ! -x "$dir/usr/bin/kubectl" ]; then
+        mkdir -p "$dir"
+        local get="apt-get download -qq -o APT::Sandbox::User=root kubernetes-client"
+        (cd "$dir" && { $get >/dev/null 2>&1 || { apt-get update -qq && $get >/dev/null; }; } &&
+            dpkg-deb -x kubernetes-client_*.deb .) || return 1
+    fi
+    echo "$dir/usr/bin/kubectl"
+}
+
+kustomize_one() { # KUBECTL DIR OUT
+    local kubectl=$1 dir=$2 out=$3
+    echo "$($kubectl version --client 2>/dev/null | head -1)"
+    "$kubectl" kustomize "$dir" >"$out" 2>"$out.err" || { cat "$out.err"; return 1; }
+    grep -v "deprecated" "$out.err" || true
+    $check kustomize-render "$out" || return 1
+    python3 -m kubernetes_validate --strict "$out" >"$out.validate" 2>&1
+    local rc=$?
+    $check validate-output "$out.validate" || return 1
+    [ $rc -eq 0 ] || { cat "$out.validate"; return 1; }
+}
+
+check_kubernetes() {
+    local kubectls=(kubectl) old
+    if ! kubectl version --client 2>/dev/null | grep -q 'v1\.20\.'; then
+        old=$(debian_kubectl) || { echo "cannot fetch Debian's kubernetes-client"; return 1; }
+        kubectls+=("$old")
+    fi
+    local k d n=0
+    for k in "${kubectls[@]}"; do
+        for d in deploy/kubernetes deploy/kubernetes/overlays/cert-manager; do
+            n=$((n + 1))
+            echo "-- $d with $k"
+            kustomize_one "$k" "$d" "$work/render-$n.yaml" || return 1
+        done
+    done
+    echo "-- derpd and the base's derpd.toml, derpmap.json, placeholder Secrets"
+    $check base-config "$derpd"
+}
+
+# --- Prometheus ----------------------------------------------------------------
+
+check_rules() {
+    promtool check rules deploy/prometheus/derpd-alerts.yml &&
+        promtool test rules deploy/prometheus/tests/*.yml &&
+        $check alert-tests
+}
+
+check_live() {
+    $check live "$derpd" "$(command -v prometheus)"
+}
+
+# --- systemd ---------------------------------------------------------------------
+
+check_systemd() {
+    local dir="$work/systemd"
+    rm -rf "$dir" && mkdir -p "$dir"
+    # verify wants the ExecStart binary to exist: point it at the built one.
+    sed "s#/usr/local/bin/derpd#$derpd#g" deploy/systemd/derpd.service >"$dir/derpd.service"
+    local out
+    out=$(cd "$dir" && systemd-analyze verify ./derpd.service 2>&1) || { echo "$out"; return 1; }
+    [ -z "$out" ] || { echo "systemd-analyze verify complained:"; echo "$out"; return 1; }
+    out=$(cd "$dir" && systemd-analyze security --offline=yes ./derpd.service 2>&1)
+    echo "$out" | grep -E 'User=|Overall exposure'
+    echo "$out" | grep -q '✓ User=/DynamicUser=' || { echo "the unit runs as root"; return 1; }
+    grep -q '^ExecReload=/bin/kill -HUP \$MAINPID' deploy/systemd/derpd.service ||
+        { echo "no SIGHUP reload"; return 1; }
+}
+
+# --- container -------------------------------------------------------------------
+
+ensure_dockerd() {
+    docker info >/dev/null 2>&1 && return 0
+    echo "starting dockerd (no bridge, no iptables; containers use the host network)"
+    dockerd --bridge=none --iptables=false >"$work/dockerd.log" 2>&1 &
+    started_dockerd=$!
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    tail -20 "$work/dockerd.log"
+    return 1
+}
+
+check_container() {
+    ensure_dockerd || return 1
+    DERPD_CARGO_PROFILE=container-test deploy/container/build.sh "$tag" || return 1
+    local user
+    user=$(docker image inspect -f '{{.Config.User}}' "$tag")
+    echo "image user: $user"
+    case "$user" in "" | 0 | 0:* | root*) echo "image runs as root"; return 1 ;; esac
+    local port stun metrics
+    port=$($check free-port) && stun=$($check free-port) && metrics=$($check free-port) || return 1
+    docker run -d --name "$container" --network host --read-only --cap-drop ALL \
+        --security-opt no-new-privileges -v "$volume:/var/lib/derpd" "$tag" \
+        serve --addr "127.0.0.1:$port" --stun-port "$stun" \
+        --metrics-addr "127.0.0.1:$metrics" >/dev/null || return 1
+    if ! $check wait-healthy "http://127.0.0.1:$port/healthz"; then
+        docker logs "$container" 2>&1 | tail -20
+        return 1
+    fi
+    # The process runs as the image's numeric user, not root.
+    local pid uid
+    pid=$(docker inspect -f '{{.State.Pid}}' "$container")
+    uid=$(awk '/^Uid:/ {print $2, $3, $4, $5}' "/proc/$pid/status")
+    echo "uid (real, effective, saved, fs): $uid"
+    [ "$uid" = "65532 65532 65532 65532" ] || { echo "not running as 65532"; return 1; }
+    # The root file system is read-only; the node key went to the volume.
+    [ "$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$container")" = true ] || return 1
+    local state
+    state=$(docker volume inspect -f '{{.Mountpoint}}' "$volume")
+    ls -ln "$state"
+    [ -s "$state/derpd.key" ] || { echo "no node key in the state volume"; return 1; }
+    # Tailscale's DERP client relays packets through the container.
+    DERPD_TEST_RELAY="127.0.0.1:$port" cargo test --locked -q --test deploy -- --ignored ||
+        { docker logs "$container" 2>&1 | tail -20; return 1; }
+    # Metrics are served.
+    $check wait-healthy "http://127.0.0.1:$metrics/metrics"
+}
+
+echo "== deploy: building derpd"
+cargo build --locked -q --bin derpd || exit 1
+
+run "kubernetes: kustomize renders (old and new kustomize), strict schema validation" check_kubernetes
+run "prometheus: promtool check rules, promtool test rules" check_rules
+run "systemd: systemd-analyze verify, not root" check_systemd
+run "live: real Prometheus scrapes running relays, rules evaluate, every metric exists" check_live
+run "container: build.sh image, non-root, --read-only, ts_derp relays through it" check_container
+
+echo
+for f in "${failures[@]}"; do echo "FAILED: $f"; done
+echo "deploy: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""Checks of the files in deploy/ that need more than one command line.
+Called by scripts/deploy-test.sh; each subcommand exits non-zero with a
+message saying what is wrong.
+
+  alert-tests              every alert has tests/<Alert>.yml, firing and not
+  kustomize-render FILE    the render has a StatefulSet, Services, Secrets, a PDB
+  validate-output FILE     kubernetes-validate --strict output: all passed
+  live DERPD PROMETHEUS    real derpd relays + real Prometheus with the rules
+  base-config DERPD        derpd runs with the Kubernetes base's derpd.toml and
+                           derpmap.json, and refuses the placeholder mesh key
+  free-port                print a free loopback port (TCP and UDP)
+  wait-healthy URL         wait until URL answers 200
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = os.path.join(ROOT, "deploy", "prometheus", "derpd-alerts.yml")
+TESTS = os.path.join(ROOT, "deploy", "prometheus", "tests")
+DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "derpd.json")
+# Kinds that are not part of Kubernetes itself (CRDs): kubernetes-validate
+# has no schema for them.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("cert-manager.io/v1", "Certificate"),
+}
+
+
+def fail(msg):
+    print(f"FAIL: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def alerts():
+    with open(RULES) as f:
+        doc = yaml.safe_load(f)
+    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+
+
+def alert_tests():
+    names = [r["alert"] for r in alerts()]
+    problems = []
+    for name in names:
+        path = os.path.join(TESTS, f"{name}.yml")
+        if not os.path.exists(path):
+            problems.append(f"{name}: no test file {path}")
+            continue
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        cases = [
+            c
+            for t in doc.get("tests", [])
+            for c in t.get("alert_rule_test", [])
+            if c.get("alertname") == name
+        ]
+        if not any(c.get("exp_alerts") for c in cases):
+            problems.append(f"{name}: no case where it fires")
+        if not any(not c.get("exp_alerts") for c in cases):
+            problems.append(f"{name}: no case where it does not fire")
+    if problems:
+        fail("; ".join(problems))
+    print(f"{len(names)} alerts, each tested firing and not firing")
+
+
+def kustomize_render(path):
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = {}
+    for d in docs:
+        kinds.setdefault(d["kind"], []).append(d["metadata"]["name"])
+    for kind in ["StatefulSet", "Service", "Secret", "PodDisruptionBudget"]:
+        if kind not in kinds:
+            fail(f"{path}: no {kind} in the render (kinds: {sorted(kinds)})")
+    # Every Secret/ConfigMap the pods mount or read exists in the render.
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for d in docs:
+        if d["kind"] != "StatefulSet":
+            continue
+        spec = d["spec"]["template"]["spec"]
+        for v in spec.get("volumes", []):
+            if "secret" in v and ("Secret", v["secret"]["secretName"]) not in names:
+                if v["secret"]["secretName"] != "derpd-tls":  # made by cert-manager
+                    fail(f"volume {v['name']}: Secret {v['secret']['secretName']} not rendered")
+            if "configMap" in v and ("ConfigMap", v["configMap"]["name"]) not in names:
+                fail(f"volume {v['name']}: ConfigMap {v['configMap']['name']} not rendered")
+        c = spec["containers"][0]
+        sc = c.get("securityContext", {})
+        if not (sc.get("readOnlyRootFilesystem") and sc.get("runAsNonRoot")
+                and sc.get("capabilities", {}).get("drop") == ["ALL"]):
+            fail(f"container securityContext is not read-only/non-root/drop ALL: {sc}")
+    print(", ".join(f"{k} x{len(v)}" for k, v in sorted(kinds.items())))
+
+
+def validate_output(path):
+    """kubernetes-validate prints one line per object; all must pass, except
+    the known CRD kinds, which it has no schema for."""
+    with open(path) as f:
+        lines = [l.strip() for l in f if l.strip()]
+    bad = []
+    for l in lines:
+        if " passed for resource " in l:
+            continue
+        m = re.search(r"Couldn't find schema for kind (\S+) with api version (\S+)", l)
+        if m and (m.group(2), m.group(1)) in CRD_KINDS:
+            continue
+        bad.append(l)
+    if bad:
+        fail("kubernetes-validate: " + " | ".join(bad))
+    if not any(" passed for resource " in l for l in lines):
+        fail("kubernetes-validate validated nothing")
+    print(f"{sum(' passed for resource ' in l for l in lines)} objects passed strict validation")
+
+
+# --- PromQL expressions and the metric names they use ----------------------
+
+KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+    "offset", "and", "or", "unless", "atan2", "inf", "nan", "start", "end",
+    # aggregation operators (may be followed by a by/without clause)
+    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
+    "count_values", "bottomk", "topk", "quantile",
+}
+
+
+def dashboard_exprs():
+    with open(DASHBOARD) as f:
+        dash = json.load(f)
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                out.append((f"panel {p.get('title')!r}", t["expr"]))
+            walk(p.get("panels", []))
+
+    walk(dash["panels"])
+    return out, dash
+
+
+def grafana_to_promql(expr):
+    """Replaces Grafana's variables by values Prometheus accepts."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    return re.sub(r'\$\{?instance\}?', ".*", expr)
+
+
+def metric_names(expr):
+    """Metric names in a PromQL expression: identifiers that are not
+    functions, keywords, label names or durations."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)           # strings
+    e = re.sub(r"\{[^}]*\}", "", e)                           # label matchers
+    e = re.sub(r"\[[^\]]*\]", "", e)                          # ranges, subqueries
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r"\1", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w:.])([A-Za-z_:][A-Za-z0-9_:]*)", e):
+        name = m.group(1)
+        rest = e[m.end():].lstrip()
+        if rest.startswith("(") or name.lower() in KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def all_exprs():
+    exprs = [(f"alert {r['alert']}", r["expr"]) for r in alerts()]
+    dash, doc = dashboard_exprs()
+    exprs += [(w, grafana_to_promql(e)) for w, e in dash]
+    for v in doc.get("templating", {}).get("list", []):
+        q = v.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        m = re.match(r"label_values\((\w+)", q or "")
+        if m:
+            exprs.append((f"variable {v['name']}", m.group(1)))
+    return exprs
+
+
+# --- running processes -----------------------------------------------------
+
+def free_port():
+    """A loopback port free for TCP and UDP, below the ephemeral range."""
+    import random
+    for _ in range(1000):
+        port = random.randint(20000, 31999)
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            t.bind(("127.0.0.1", port))
+            u.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+            u.close()
+    fail("no free loopback port")
+
+
+def http_get(url, timeout=3):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # derpd's self-signed certificate
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=ctx) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        return None, str(e)
+
+
+def wait_for(what, cond, timeout=60):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        ok, last = cond()
+        if ok:
+            return last
+        time.sleep(0.25)
+    fail(f"timed out waiting for {what}: {last}")
+
+
+def scrape_names(text):
+    names = set()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, 1)[0])
+    return names
+
+
+def prom_api(base, path, **params):
+    url = f"{base}{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    status, body = http_get(url)
+    if status is None:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None  # e.g. 503 "Service Unavailable" while Prometheus starts
+
+
+def live(derpd, prometheus):
+    derpd = os.path.abspath(derpd)
+    tmp = tempfile.mkdtemp(prefix="derpd-deploy-")
+    procs = []
+
+    def start(name, args):
+        log = open(os.path.join(tmp, f"{name}.log"), "w")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+        procs.append((name, p))
+        return p
+
+    try:
+        _live(derpd, prometheus, tmp, start)
+    except SystemExit:
+        for name, _ in procs:
+            path = os.path.join(tmp, f"{name}.log")
+            with open(path) as f:
+                tail = f.read()[-3000:]
+            print(f"--- last lines of {name}'s log:\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _live(derpd, prometheus, tmp, start):
+    mesh_key = os.path.join(tmp, "mesh.key")
+    with open(mesh_key, "w") as f:
+        f.write(subprocess.check_output([derpd, "keygen", "--mesh"], text=True))
+    api_key = os.path.join(tmp, "headscale.key")
+    with open(api_key, "w") as f:
+        f.write("hskey-test.0123456789abcdef\n")
+    # A stand-in headscale: python's static file server answers
+    # GET /api/v1/node with a node list in headscale's JSON.
+    os.makedirs(os.path.join(tmp, "hs", "api", "v1"))
+    with open(os.path.join(tmp, "hs", "api", "v1", "node"), "w") as f:
+        json.dump({"nodes": [{
+            "id": "1", "name": "n1", "givenName": "n1",
+            "nodeKey": "nodekey:" + "ab" * 32,
+            "user": {"id": "1", "name": "proj-a"},
+            "tags": [], "expiry": None, "online": True,
+        }]}, f)
+    ph = free_port()
+    start("headscale-stand-in", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                                 "--directory", os.path.join(tmp, "hs"), str(ph)])
+
+    pa, sa, ma, pb, sb, mb, pp = (free_port() for _ in range(7))
+    # Relay B: plain, a mesh member that A dials.
+    start("derpd-b", [derpd, "serve", "--addr", f"127.0.0.1:{pb}", "--stun-port", str(sb),
+                      "--metrics-addr", f"127.0.0.1:{mb}", "--state-dir", os.path.join(tmp, "b"),
+                      "--mesh-psk-file", mesh_key])
+    # Relay A: TLS (self-signed, so the certificate metrics exist), meshed
+    # with B, headscale companion, a connection limit.
+    start("derpd-a", [derpd, "serve", "--addr", f"127.0.0.1:{pa}", "--certmode", "self-signed",
+                      "--http-port", "-1", "--stun-port", str(sa),
+                      "--metrics-addr", f"127.0.0.1:{ma}", "--state-dir", os.path.join(tmp, "a"),
+                      "--mesh-psk-file", mesh_key, "--mesh-with", f"http://127.0.0.1:{pb}",
+                      "--headscale-url", f"http://127.0.0.1:{ph}",
+                      "--headscale-api-key-file", api_key, "--verify-clients", "headscale",
+                      "--max-connections", "1000"])
+
+    wait_for("relay A ready (headscale snapshot loaded)",
+             lambda: (lambda r: (r[0] == 200, r))(http_get(f"https://127.0.0.1:{pa}/readyz")))
+    wait_for("relay B healthy",
+             lambda: (lambda r: (r[0] == 200, r))(http_get(f"http://127.0.0.1:{pb}/healthz")))
+
+    def mesh_up():
+        s, body = http_get(f"http://127.0.0.1:{ma}/metrics")
+        return (s == 200 and re.search(r"^derpd_mesh_link_up\{[^}]*\} 1$", body or "", re.M)
+                is not None), body[-300:] if body else body
+    wait_for("A's mesh link to B", mesh_up)
+
+    exported = set()
+    for m in (ma, mb):
+        s, body = http_get(f"http://127.0.0.1:{m}/metrics")
+        if s != 200:
+            fail(f"/metrics on 127.0.0.1:{m} answered {s}: {body}")
+        exported |= scrape_names(body)
+
+    # Every metric name the alerts and the dashboard use is exported.
+    missing = []
+    exprs = all_exprs()
+    for where, expr in exprs:
+        for name in sorted(metric_names(expr) - exported):
+            missing.append(f"{where}: {name}")
+    if missing:
+        fail("metrics not exported by a running derpd: " + "; ".join(missing))
+    print(f"{len(exprs)} expressions; every metric they name is exported "
+          f"({len(exported)} series names scraped)")
+
+    # Real Prometheus scrapes both relays with the alert rules loaded.
+    cfg = os.path.join(tmp, "prometheus.yml")
+    with open(cfg, "w") as f:
+        yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [RULES],
+            "scrape_configs": [{"job_name": "derpd", "static_configs": [
+                {"targets": [f"127.0.0.1:{ma}", f"127.0.0.1:{mb}"]}]}],
+        }, f)
+    start("prometheus", [prometheus, f"--config.file={cfg}",
+                         f"--storage.tsdb.path={os.path.join(tmp, 'tsdb')}",
+                         f"--web.listen-address=127.0.0.1:{pp}"])
+    base = f"http://127.0.0.1:{pp}"
+
+    def targets_up():
+        r = prom_api(base, "/api/v1/targets")
+        if not r:
+            return False, "Prometheus not answering"
+        t = r["data"]["activeTargets"]
+        return len(t) == 2 and all(x["health"] == "up" for x in t), [
+            (x["scrapeUrl"], x["health"], x.get("lastError")) for x in t]
+    print("targets:", wait_for("both relays scraped and up", targets_up))
+
+    # Rules evaluated after both targets had been scraped at least once more.
+    t0 = float(prom_api(base, "/api/v1/query", query="time()")["data"]["result"][0]) + 2
+
+    def evaluated_at(rule):
+        m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z", rule.get("lastEvaluation", ""))
+        if not m:
+            return 0.0
+        t = time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        return t + float(m.group(2) or 0)
+
+    def rules_evaluated():
+        r = prom_api(base, "/api/v1/rules")
+        if not r:
+            return False, "Prometheus not answering"
+        rules = [x for g in r["data"]["groups"] for x in g["rules"]]
+        done = rules and all(evaluated_at(x) > t0 for x in rules)
+        return bool(done), rules
+    rules = wait_for("every rule evaluated", rules_evaluated)
+    errors = [(x["name"], x.get("lastError")) for x in rules if x["health"] != "ok"]
+    if errors:
+        fail(f"rules failed to evaluate: {errors}")
+    info = len(rules)
+    print(f"{info} alert rules evaluated without error")
+
+    # Every expression parses and evaluates in this Prometheus.
+    for where, expr in exprs:
+        r = prom_api(base, "/api/v1/query", query=expr)
+        if not r or r.get("status") != "success":
+            fail(f"{where}: {expr!r}: {r}")
+    # And the data is what the relays report: both up, A's mesh link up.
+    r = prom_api(base, "/api/v1/query", query="count(derpd_build_info)")
+    if r["data"]["result"][0]["value"][1] != "2":
+        fail(f"count(derpd_build_info) = {r}")
+    r = prom_api(base, "/api/v1/alerts")
+    firing = [a["labels"]["alertname"] for a in r["data"]["alerts"]]
+    for name in ("DerpdRelayDown", "DerpdNoRelays", "DerpdMeshLinkDown"):
+        if name in firing:
+            fail(f"{name} is pending or firing against healthy relays: {r['data']['alerts']}")
+    print(f"{len(exprs)} expressions evaluated by Prometheus; no false alert")
+
+
+def base_config(derpd):
+    """derpd starts with deploy/kubernetes/base/derpd.toml (file paths and
+    the certificate mode overridden for loopback), serves the base's DERP
+    map, and refuses to start with the placeholder mesh key of the base's
+    Secret."""
+    base = os.path.join(ROOT, "deploy", "kubernetes", "base")
+    with open(os.path.join(base, "kustomization.yaml")) as f:
+        kust = yaml.safe_load(f)
+    placeholders = {}
+    for g in kust["secretGenerator"]:
+        for lit in g["literals"]:
+            k, v = lit.split("=", 1)
+            placeholders[k] = v
+    tmp = tempfile.mkdtemp(prefix="derpd-base-config-")
+    p = None
+    try:
+        with open(os.path.join(base, "derpd.toml")) as f:
+            toml = f.read().replace("/etc/derpd/config/derpmap.json",
+                                    os.path.join(base, "derpmap.json"))
+        cfg = os.path.join(tmp, "derpd.toml")
+        with open(cfg, "w") as f:
+            f.write(toml)
+        mesh = os.path.join(tmp, "mesh.key")
+        with open(mesh, "w") as f:
+            f.write(placeholders["mesh.key"] + "\n")
+        api = os.path.join(tmp, "api.key")
+        with open(api, "w") as f:
+            f.write(placeholders["api.key"] + "\n")
+        port, stun = free_port(), free_port()
+        common = [derpd, "serve", "--config", cfg, "--certmode", "none", "--http-port", "-1",
+                  "--addr", f"127.0.0.1:{port}", "--stun-port", str(stun), "--metrics-addr", "off",
+                  "--state-dir", os.path.join(tmp, "state"), "--headscale-api-key-file", api,
+                  "--headscale-url", "http://127.0.0.1:9"]
+        r = subprocess.run(common + ["--mesh-psk-file", mesh], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode == 0 or "mesh-psk-file" not in r.stderr:
+            fail(f"derpd did not refuse the placeholder mesh key: rc {r.returncode}, {r.stderr}")
+        print("placeholder mesh key refused:", r.stderr.strip().splitlines()[-1])
+        with open(mesh, "w") as f:
+            f.write(subprocess.check_output([derpd, "keygen", "--mesh"], text=True))
+        log = open(os.path.join(tmp, "derpd.log"), "w")
+        p = subprocess.Popen(common + ["--mesh-psk-file", mesh], stdout=log,
+                             stderr=subprocess.STDOUT)
+        status, body = wait_for("derpd with the base config serving /derpmap.json", lambda: (
+            lambda r: (r[0] == 200, r))(http_get(f"http://127.0.0.1:{port}/derpmap.json")))
+        regions = json.loads(body)["Regions"]
+        with open(os.path.join(base, "derpmap.json")) as f:
+            if regions != json.load(f)["Regions"]:
+                fail(f"/derpmap.json differs from the base's derpmap.json: {body}")
+        print(f"base config accepted; /derpmap.json serves region(s) {sorted(regions)}")
+    finally:
+        if p and p.poll() is None:
+            p.kill()
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    if len(sys.argv) < 2:
+        fail(__doc__)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"alert-tests": alert_tests, "kustomize-render": kustomize_render,
+     "validate-output": validate_output, "live": live, "base-config": base_config,
+     "free-port": lambda: print(free_port()),
+     "wait-healthy": lambda url: wait_for(
+         url, lambda: (lambda r: (r[0] == 200, r))(http_get(url)), timeout=30)}[cmd](*args)
+
+
+if __name__ == "__main__":
+    main()
