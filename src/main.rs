@@ -143,13 +143,18 @@ async fn probe(url: &str) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(derpd::config::go_style_args(std::env::args_os()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let command = cli
         .command
         .unwrap_or_else(|| Command::Serve(Box::default()));
+    // The tunnel runs on one thread: its tasks hand batches to each other,
+    // and cross-thread wake-ups would cost more than they gain.
+    let rt = match command {
+        Command::Tunnel(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .expect("tokio runtime");
     let result = match command {
         Command::Serve(settings) => rt.block_on(serve(*settings)),
         Command::Keygen {

@@ -240,6 +240,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn loads_over_http_and_refuses_error_statuses() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for status in ["200 OK", "404 Not Found"] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut b).await.unwrap();
+                    head.extend_from_slice(&b[..n]);
+                }
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{MAP}",
+                    MAP.len()
+                );
+                s.write_all(resp.as_bytes()).await.unwrap();
+            }
+        });
+        let url = format!("http://{addr}/derpmap.json");
+        assert_eq!(load(&url, &[]).await.unwrap().len(), 2);
+        let e = load(&url, &[]).await.unwrap_err();
+        assert!(e.contains("404"), "{e}");
+    }
+
+    #[tokio::test]
     async fn loads_from_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("map.json");

@@ -33,6 +33,8 @@ const MAX_RECONNECT_IN: Duration = Duration::from_secs(60);
 const MAX_TRY_FOR: Duration = Duration::from_secs(600);
 /// Most frame batches written with one vectored write.
 const MAX_BATCHES_PER_WRITE: usize = 256;
+/// Most bytes of a relay's Health text that are logged.
+const MAX_HEALTH_LOGGED: usize = 256;
 /// Relay packets decoded before delivery is flushed anyway.
 const MAX_PENDING_INBOUND: usize = 1024;
 
@@ -407,7 +409,8 @@ fn handle(
             ));
         }
         Frame::Health(text) if !text.is_empty() => {
-            tracing::warn!(problem = %String::from_utf8_lossy(&text), "relay reports a health problem");
+            let text = String::from_utf8_lossy(&text[..text.len().min(MAX_HEALTH_LOGGED)]);
+            tracing::warn!(problem = %text, "relay reports a health problem");
         }
         Frame::PeerGone { key, reason } => {
             tracing::debug!(peer = %key, ?reason, "relay says peer is gone");
