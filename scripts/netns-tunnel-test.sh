@@ -77,6 +77,8 @@ cleanup() {
         for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
         ip netns del "$ns" 2>/dev/null
     done
+    # wireguard-go removes its control socket on a clean exit; not if killed.
+    rm -f "/var/run/wireguard/$WA.sock" "/var/run/wireguard/$WB.sock"
     rm -rf "$WORK"
     exit "$rc"
 }
