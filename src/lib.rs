@@ -3,7 +3,7 @@
 //! Layers, top to bottom: [`http`] accepts connections and routes requests,
 //! [`relay`] runs connected clients and forwards packets, [`proto`] is the
 //! pure DERP protocol. [`client`] is a small DERP client used by the probe,
-//! the benchmark and the tests.
+//! the benchmark, the tests and [`tunnel`] (plain WireGuard over DERP).
 
 pub mod bench;
 pub mod client;

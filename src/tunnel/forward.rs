@@ -45,6 +45,8 @@ pub async fn pump_local(
             // ICMP errors surface here (e.g. nothing listened where we last
             // sent); they are not fatal for a UDP socket.
             tracing::debug!(peer = %peer.name, error = %e, "local receive error");
+            // Never spin on an error that repeats.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         }
         metrics.udp_recvs.inc();

@@ -128,7 +128,10 @@ pub struct RecvBatch {
 }
 
 impl RecvBatch {
-    /// Buffers for [`RECV_SLOTS`] slots of [`SLOT_BYTES`].
+    /// Buffers for [`RECV_SLOTS`] slots of [`SLOT_BYTES`]. The zeroed
+    /// allocation is mapped lazily, so only the pages datagrams actually
+    /// reach become resident (about one page per slot for WireGuard's
+    /// MTU-sized packets).
     pub fn new() -> RecvBatch {
         RecvBatch {
             buf: vec![0; RECV_SLOTS * SLOT_BYTES],
