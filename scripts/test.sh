@@ -17,13 +17,19 @@ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 ||
     apt_packages+=(prometheus)
 command -v kubectl >/dev/null 2>&1 || apt_packages+=(kubernetes-client)
 command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
-# ss (iproute2) reads a listener's backlog in the listener tests.
-command -v ss >/dev/null 2>&1 || apt_packages+=(iproute2)
+# ss and ip (iproute2): listener backlog and the namespaces of
+# tests/tunnel_netns.rs, which runs real WireGuard (wireguard-go +
+# wireguard-tools) over `derpd tunnel` with ping, iperf3 and python3.
+for pair in ss:iproute2 ip:iproute2 wireguard-go:wireguard-go wg:wireguard-tools \
+    iperf3:iperf3 ping:iputils-ping python3:python3; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || apt_packages+=("${pair#*:}")
+done
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "installing ${apt_packages[*]} (Debian packages the tests use)"
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # One package may be named twice (iproute2): apt takes it once.
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 # kubernetes-validate (PyPI) checks the rendered Kubernetes manifests.

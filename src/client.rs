@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use crate::proto::handshake::{open_server_info, seal_client_info};
@@ -269,6 +269,114 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub fn into_parts(self) -> (S, BytesMut, NodePublic) {
         (self.stream, self.buf, self.server_key)
     }
+
+    /// Splits the connection into a reading half and a writing half that
+    /// can run in separate tasks (frames already queued stay queued).
+    pub fn into_split(self) -> (ClientReader<ReadHalf<S>>, ClientWriter<WriteHalf<S>>) {
+        let (r, w) = tokio::io::split(self.stream);
+        (
+            ClientReader {
+                stream: r,
+                buf: self.buf,
+                decoder: self.decoder,
+            },
+            ClientWriter {
+                stream: w,
+                out: self.out,
+            },
+        )
+    }
+}
+
+/// The reading half of a split [`Client`].
+pub struct ClientReader<R> {
+    stream: R,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl<R: AsyncRead + Unpin> ClientReader<R> {
+    /// Decodes the next frame already buffered, without reading the socket.
+    pub fn try_recv_buffered(&mut self) -> Result<Option<Frame>, ClientError> {
+        Ok(self.decoder.decode(&mut self.buf)?)
+    }
+
+    /// Receives the next frame (any type).
+    pub async fn recv(&mut self) -> Result<Frame, ClientError> {
+        loop {
+            if let Some(f) = self.decoder.decode(&mut self.buf)? {
+                return Ok(f);
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(64 << 10);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+}
+
+/// The writing half of a split [`Client`].
+pub struct ClientWriter<W> {
+    stream: W,
+    out: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> ClientWriter<W> {
+    /// Queues a frame without flushing; see [`ClientWriter::flush`].
+    pub fn queue(&mut self, frame: &Frame) {
+        frame.encode(&mut self.out);
+    }
+
+    /// Writes every queued frame.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Writes already-encoded frames (queued frames first) with vectored
+    /// writes: the buffers go to the socket as they are, without copying.
+    /// `bufs` is emptied.
+    pub async fn write_encoded(&mut self, bufs: &mut Vec<Bytes>) -> Result<(), ClientError> {
+        if !self.out.is_empty() {
+            bufs.insert(0, self.out.split().freeze());
+        }
+        bufs.retain(|b| !b.is_empty());
+        let mut first = 0;
+        let mut offset = 0;
+        while first < bufs.len() {
+            let slices: Vec<std::io::IoSlice<'_>> = bufs[first..]
+                .iter()
+                .take(64)
+                .enumerate()
+                .map(|(i, b)| std::io::IoSlice::new(if i == 0 { &b[offset..] } else { &b[..] }))
+                .collect();
+            let mut n = self.stream.write_vectored(&slices).await?;
+            drop(slices);
+            if n == 0 {
+                return Err(ClientError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            while n > 0 && first < bufs.len() {
+                let left = bufs[first].len() - offset;
+                if n >= left {
+                    n -= left;
+                    first += 1;
+                    offset = 0;
+                } else {
+                    offset += n;
+                    n = 0;
+                }
+            }
+        }
+        bufs.clear();
+        self.stream.flush().await?;
+        Ok(())
+    }
 }
 
 /// Any byte stream a client can run over (plain TCP or TLS).
@@ -292,9 +400,25 @@ pub async fn dial_with(
     insecure: bool,
     info: ClientInfo,
 ) -> Result<DynClient, ClientError> {
+    dial_via(url, None, key, insecure, info).await
+}
+
+/// [`dial_with`], but connecting to `connect_to` instead of resolving the
+/// URL's host (which still names the server for TLS and `Host:`), as for a
+/// DERP map node with a fixed `IPv4`/`IPv6`.
+pub async fn dial_via(
+    url: &str,
+    connect_to: Option<std::net::SocketAddr>,
+    key: &NodePrivate,
+    insecure: bool,
+    info: ClientInfo,
+) -> Result<DynClient, ClientError> {
     let Some(rest) = url.strip_prefix("https://") else {
         let addr = host_port(url)?;
-        let stream = TcpStream::connect(&addr).await?;
+        let stream = match connect_to {
+            Some(a) => TcpStream::connect(a).await?,
+            None => TcpStream::connect(&addr).await?,
+        };
         stream.set_nodelay(true)?;
         let boxed: Box<dyn Stream> = Box::new(stream);
         return Client::upgrade_and_handshake(boxed, &addr, key, info).await;
@@ -314,7 +438,10 @@ pub async fn dial_with(
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let name = rustls::pki_types::ServerName::try_from(host)
         .map_err(|_| ClientError::BadUrl(url.to_owned()))?;
-    let tcp = TcpStream::connect(&addr).await?;
+    let tcp = match connect_to {
+        Some(a) => TcpStream::connect(a).await?,
+        None => TcpStream::connect(&addr).await?,
+    };
     tcp.set_nodelay(true)?;
     let tls = connector.connect(name, tcp).await?;
     let boxed: Box<dyn Stream> = Box::new(tls);

@@ -54,6 +54,44 @@ pub fn load_or_create(path: &Path) -> Result<NodePrivate, KeyFileError> {
     }
 }
 
+/// Loads the key at `path`; a missing file is an error.
+pub fn load(path: &Path) -> Result<NodePrivate, KeyFileError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&bytes).map_err(|reason| KeyFileError::Invalid {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+/// Generates a key and writes it to `path` (mode 0600), refusing to
+/// replace an existing file.
+pub fn create_new(path: &Path) -> Result<NodePrivate, KeyFileError> {
+    let key = NodePrivate::generate();
+    write_no_clobber(path, &key).map_err(|source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(key)
+}
+
+fn write_no_clobber(path: &Path, key: &NodePrivate) -> std::io::Result<()> {
+    if path.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "already exists; not replacing it",
+        ));
+    }
+    let tmp = path.with_extension(format!("new{}", std::process::id()));
+    write_new(&tmp, key)?;
+    // A hard link fails if `path` appeared meanwhile: never clobbers.
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked
+}
+
 fn parse(bytes: &[u8]) -> Result<NodePrivate, String> {
     let json: KeyFileJson = serde_json::from_slice(bytes)
         .map_err(|e| format!("not a JSON object with a \"PrivateKey\" string ({e})"))?;
@@ -108,5 +146,20 @@ mod tests {
         assert!(e.contains("PrivateKey"), "{e}");
         std::fs::write(&path, "garbage").unwrap();
         assert!(load_or_create(&path).is_err());
+        assert!(load(&path).is_err());
+    }
+
+    #[test]
+    fn create_new_writes_0600_and_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.key");
+        assert!(load(&path).is_err(), "load does not create");
+        let k = create_new(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load(&path).unwrap().public(), k.public());
+        assert!(create_new(&path).is_err());
+        assert_eq!(load(&path).unwrap().public(), k.public());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

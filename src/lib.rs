@@ -8,7 +8,8 @@
 //! the relay's [`relay::RemoteKeys`] seam), [`companion`] (headscale sync and
 //! admission) and [`stun`]. Imports only flow downwards; `tests/import_graph.rs`
 //! checks it. [`client`] is a small DERP client used by the probe, the
-//! benchmark and the tests.
+//! benchmark, the tests and [`tunnel`] (plain WireGuard over DERP, a client
+//! of the protocol beside everything else).
 
 pub mod bench;
 pub mod client;
@@ -25,3 +26,4 @@ pub mod sockopt;
 pub mod stun;
 pub mod tls;
 pub mod trust;
+pub mod tunnel;

@@ -1,4 +1,5 @@
-//! The `derpd` command: `serve` (the default), `keygen`, `probe`.
+//! The `derpd` command: `serve` (the default), `keygen`, `probe`, `bench`,
+//! `tunnel`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,7 +26,16 @@ enum Command {
         /// Print a 64-hex mesh pre-shared key instead.
         #[arg(long)]
         mesh: bool,
+        /// Write a new key file (derper's format, mode 0600) and print its
+        /// public `nodekey:…`.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["mesh", "public"])]
+        out: Option<std::path::PathBuf>,
+        /// Print the public `nodekey:…` of an existing key file.
+        #[arg(long, value_name = "FILE", conflicts_with = "mesh")]
+        public: Option<std::path::PathBuf>,
     },
+    /// Carry plain WireGuard UDP to peers over DERP.
+    Tunnel(Box<derpd::tunnel::TunnelArgs>),
     /// Load-test any DERP relay: packets/s, Gbit/s, loss, latency, server CPU.
     Bench(Box<derpd::bench::BenchOptions>),
     /// Check a relay end to end: two clients exchange a packet through it.
@@ -135,16 +145,42 @@ async fn probe(url: &str) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(derpd::config::go_style_args(std::env::args_os()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let command = cli
         .command
         .unwrap_or_else(|| Command::Serve(Box::default()));
+    // The tunnel runs on one thread: its tasks hand batches to each other,
+    // and cross-thread wake-ups would cost more than they gain.
+    let rt = match command {
+        Command::Tunnel(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .expect("tokio runtime");
     let result = match command {
         Command::Serve(settings) => rt.block_on(serve(*settings)),
-        Command::Keygen { mesh } => {
+        Command::Keygen {
+            out: Some(path), ..
+        } => derpd::keyfile::create_new(&path)
+            .map(|k| println!("{}", k.public()))
+            .map_err(|e| e.to_string()),
+        Command::Keygen {
+            public: Some(path), ..
+        } => derpd::keyfile::load(&path)
+            .map(|k| println!("{}", k.public()))
+            .map_err(|e| e.to_string()),
+        Command::Tunnel(args) => {
+            match args.log_format().as_deref() {
+                None | Some("text") => init_logging(LogFormat::Text),
+                Some("json") => init_logging(LogFormat::Json),
+                Some(other) => {
+                    eprintln!("derpd: log-format {other:?}: want text or json");
+                    return ExitCode::FAILURE;
+                }
+            }
+            rt.block_on(derpd::tunnel::run(*args))
+        }
+        Command::Keygen { mesh, .. } => {
             if mesh {
                 println!("{}", MeshKey::generate().to_hex());
             } else {
