@@ -226,17 +226,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Receives the next frame (any type, KeepAlive included).
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {
-        loop {
-            if let Some(f) = self.decoder.decode(&mut self.buf)? {
-                return Ok(f);
-            }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(64 << 10);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(ClientError::Closed);
-            }
-        }
+        read_frame(&mut self.stream, &mut self.decoder, &mut self.buf).await
     }
 
     /// Receives the next frame, or `None` after `limit`.
@@ -295,6 +285,25 @@ pub struct ClientReader<R> {
     decoder: FrameDecoder,
 }
 
+/// Reads from `stream` into `buf` until `decoder` yields a frame.
+async fn read_frame<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    decoder: &mut FrameDecoder,
+    buf: &mut BytesMut,
+) -> Result<Frame, ClientError> {
+    loop {
+        if let Some(f) = decoder.decode(buf)? {
+            return Ok(f);
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 << 10);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ClientError::Closed);
+        }
+    }
+}
+
 impl<R: AsyncRead + Unpin> ClientReader<R> {
     /// Decodes the next frame already buffered, without reading the socket.
     pub fn try_recv_buffered(&mut self) -> Result<Option<Frame>, ClientError> {
@@ -303,17 +312,7 @@ impl<R: AsyncRead + Unpin> ClientReader<R> {
 
     /// Receives the next frame (any type).
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {
-        loop {
-            if let Some(f) = self.decoder.decode(&mut self.buf)? {
-                return Ok(f);
-            }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(64 << 10);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(ClientError::Closed);
-            }
-        }
+        read_frame(&mut self.stream, &mut self.decoder, &mut self.buf).await
     }
 }
 

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::ca::TestCa;
 use common::{free_port, ARRIVES};
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,43 +33,11 @@ const API_KEY: &str = "hskey01.0123456789abcdef0123456789abcdef";
 /// Time for links to come up and syncs to land (link backoff caps at 5 s).
 const SETTLE: Duration = Duration::from_secs(20);
 
-struct TestCa {
-    pem: String,
-    der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new() -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "derpd private test CA");
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            pem: cert.pem(),
-            der: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// (certificate PEM, key PEM) for `name`.
-    fn leaf(&self, name: &str) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 /// A headscale stand-in over TLS: `GET /api/v1/node` with the API key
 /// answers the given node keys in headscale's JSON.
 async fn tls_headscale(ca: &TestCa, nodes: Vec<String>) -> SocketAddr {
-    let (crt, key) = ca.leaf("127.0.0.1");
+    let leaf = ca.leaf(&["127.0.0.1"]);
+    let (crt, key) = (leaf.crt_pem, leaf.key_pem);
     let certs: Vec<CertificateDer<'static>> =
         rustls::pki_types::pem::PemObject::pem_slice_iter(crt.as_bytes())
             .collect::<Result<_, _>>()
@@ -175,7 +143,8 @@ fn start_relay(s: &Setup, name: &str, port: u16) -> Relay {
     let dir = s.dir.join(name);
     let certdir = dir.join("certs");
     std::fs::create_dir_all(&certdir).unwrap();
-    let (crt, key) = s.ca.leaf(name);
+    let leaf = s.ca.leaf(&[name]);
+    let (crt, key) = (leaf.crt_pem, leaf.key_pem);
     std::fs::write(certdir.join(format!("{name}.crt")), crt).unwrap();
     std::fs::write(certdir.join(format!("{name}.key")), key).unwrap();
     std::fs::write(dir.join("api.key"), format!("{API_KEY}\n")).unwrap();

@@ -2,6 +2,7 @@
 //! Tailscale's own `ts_derp` client to it.
 #![allow(dead_code)]
 
+pub mod ca;
 pub mod proc_net;
 
 use std::time::Duration;
