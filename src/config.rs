@@ -415,6 +415,18 @@ impl Settings {
 
 /// Reads the derper rate-config JSON file.
 pub fn load_rate_config(path: &Path) -> Result<ClientRateLimit, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_rate_config(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// Parses the contents of a derper rate-config JSON file.
+pub fn parse_rate_config(json: &[u8]) -> Result<ClientRateLimit, String> {
     #[derive(Deserialize)]
     struct RateFile {
         #[serde(rename = "PerClientRateLimitBytesPerSec", default)]
@@ -422,14 +434,7 @@ pub fn load_rate_config(path: &Path) -> Result<ClientRateLimit, ConfigError> {
         #[serde(rename = "PerClientRateBurstBytes", default)]
         burst: u64,
     }
-    let text = std::fs::read(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let f: RateFile = serde_json::from_slice(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
+    let f: RateFile = serde_json::from_slice(json).map_err(|e| e.to_string())?;
     Ok(ClientRateLimit::new(f.rate, f.burst))
 }
 

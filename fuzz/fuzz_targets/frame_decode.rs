@@ -8,7 +8,9 @@ use derpd::proto::{Frame, FrameDecoder, Role};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(split).max(1);
     for role in [Role::Server, Role::Client] {
         let mut dec = FrameDecoder::new(role);

@@ -145,10 +145,15 @@ impl DerpMap {
         let is_toml = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        DerpMap::parse(&text, is_toml)
+    }
+
+    /// Parses and validates a regions file's text, as TOML or as JSON.
+    pub fn parse(text: &str, is_toml: bool) -> Result<DerpMap, String> {
         let file: FileMap = if is_toml {
-            toml::from_str(&text).map_err(|e| e.to_string())?
+            toml::from_str(text).map_err(|e| e.to_string())?
         } else {
-            serde_json::from_str(&text).map_err(|e| e.to_string())?
+            serde_json::from_str(text).map_err(|e| e.to_string())?
         };
         let mut regions = BTreeMap::new();
         for (k, r) in file.regions {
