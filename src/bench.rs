@@ -6,6 +6,18 @@
 //! Closed loop (`--window W`): each pair keeps at most W packets in flight,
 //! so throughput is measured without loss. Open loop (`--rate PPS`): each
 //! pair sends at a fixed rate, for latency under a known load.
+//!
+//! Every payload names its intended receiver (a prefix of its public key)
+//! and receivers count packets meant for someone else (`wrong_key`, must be
+//! zero). `--churn-rate N` adds short-lived clients connecting and leaving
+//! at N per second alongside the pairs (`churn`); with `--server-pid`
+//! the server's RSS and FD count are sampled at start, max and end
+//! ([`sample`]) — together a soak test.
+
+mod churn;
+pub mod sample;
+
+pub use churn::ChurnReport;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -17,8 +29,35 @@ use tokio::sync::Semaphore;
 use crate::client::{dial, DynClient};
 use crate::proto::{Frame, NodePrivate, NodePublic};
 
-/// Bytes at the start of each payload: sequence number and send time.
-const STAMP_LEN: usize = 16;
+/// Bytes at the start of each payload: sequence number, send time and
+/// the first [`TAG_LEN`] bytes of the intended receiver's public key.
+const STAMP_LEN: usize = 16 + TAG_LEN;
+/// Receiver key bytes carried in each payload.
+const TAG_LEN: usize = 8;
+
+/// Writes the stamp (sequence, send time, receiver tag) at the start of
+/// `buf`, which must hold [`STAMP_LEN`] bytes; returns the send time.
+fn stamp_payload(buf: &mut [u8], seq: u64, dst: &NodePublic) -> u64 {
+    let now = clock();
+    buf[..8].copy_from_slice(&seq.to_be_bytes());
+    buf[8..16].copy_from_slice(&now.to_be_bytes());
+    buf[16..STAMP_LEN].copy_from_slice(&dst.0[..TAG_LEN]);
+    now
+}
+
+/// Whether a received payload names `me` as its receiver.
+fn tag_matches(payload: &[u8], me: &NodePublic) -> bool {
+    payload.get(16..STAMP_LEN) == Some(&me.0[..TAG_LEN])
+}
+
+/// Deliveries that went to the wrong place.
+#[derive(Debug, Default)]
+struct WrongKeys {
+    /// Packets whose payload names a different receiver.
+    wrong_key: AtomicU64,
+    /// Packets for us but from a sender we did not expect.
+    wrong_src: AtomicU64,
+}
 
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
@@ -28,7 +67,7 @@ pub struct BenchOptions {
     /// Sender→receiver pairs.
     #[arg(long, default_value_t = 10)]
     pub pairs: usize,
-    /// Payload bytes per packet (at least 16).
+    /// Payload bytes per packet (at least 24).
     #[arg(long, default_value_t = 1200)]
     pub size: usize,
     /// Measured duration (after a warm-up of a tenth of it, at most 1 s).
@@ -59,7 +98,15 @@ pub struct BenchOptions {
     /// Do not verify the server certificate.
     #[arg(long)]
     pub insecure: bool,
-    /// Server process id: report its CPU per relayed packet and its memory.
+    /// New short-lived connections per second during the run (they
+    /// connect in twos, relay a couple of packets, and leave).
+    #[arg(long, default_value_t = 0)]
+    pub churn_rate: u64,
+    /// At most this many churn rounds (two connections each) in flight.
+    #[arg(long, default_value_t = 256)]
+    pub churn_parallel: usize,
+    /// Server process id: report its CPU per relayed packet, its memory
+    /// and FD count (start, max, end).
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Print the report as JSON.
@@ -103,6 +150,16 @@ pub struct BenchReport {
     pub handshakes_per_sec: Option<f64>,
     /// Server resident bytes per idle client (with `--server-pid`).
     pub server_bytes_per_idle_client: Option<f64>,
+    /// Packets delivered whose payload names another receiver (must be 0).
+    pub wrong_key: u64,
+    /// Packets delivered from an unexpected sender (must be 0).
+    pub wrong_src: u64,
+    /// Churn clients (with `--churn-rate`).
+    pub churn: Option<ChurnReport>,
+    /// Server RSS in KiB, start/max/end/after (with `--server-pid`).
+    pub server_rss_kib_span: Option<sample::Span>,
+    /// Server open FDs, start/max/end/after (with `--server-pid`).
+    pub server_fds: Option<sample::Span>,
 }
 
 /// Latency percentiles.
@@ -192,6 +249,19 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         ..Default::default()
     };
 
+    // Server resources before any of our clients connect.
+    let tracker = Arc::new(parking_lot::Mutex::new(sample::Tracker::default()));
+    let mut sampler = None;
+    if let Some(pid) = opts.server_pid {
+        let first = sample::sample(pid).ok_or(format!("--server-pid {pid}: /proc unreadable"))?;
+        tracker.lock().observe(first);
+        sampler = Some(tokio::spawn(sample::sample_loop(
+            pid,
+            Duration::from_secs(1),
+            tracker.clone(),
+        )));
+    }
+
     // Idle clients first: handshake rate and memory per idle client.
     let stuck = connect_stuck_watchers(&url, opts, insecure).await?;
     let rss_before_idle = opts.server_pid.and_then(proc_usage).map(|u| u.1);
@@ -216,7 +286,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         let s = dial(&url, &sk, insecure).await.map_err(|e| e.to_string())?;
         let r = dial(&url, &rk, insecure).await.map_err(|e| e.to_string())?;
         senders.push((s, rk.public()));
-        receivers.push(r);
+        receivers.push((r, sk.public()));
     }
 
     let warmup = (opts.duration / 10).min(Duration::from_secs(1));
@@ -226,6 +296,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     let mut stats = Vec::new();
+    let wrong = Arc::new(WrongKeys::default());
     let hists = Arc::new(parking_lot::Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
     ));
@@ -241,7 +312,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         let end = Instant::now() + warmup + opts.duration + Duration::from_millis(50);
         std::thread::spawn(move || pace_loop(&paces, rate, end, &stop));
     }
-    for (i, ((sender, dst), receiver)) in senders.into_iter().zip(receivers).enumerate() {
+    for (i, ((sender, dst), (receiver, from))) in senders.into_iter().zip(receivers).enumerate() {
         let st = Arc::new(PairStats {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -260,6 +331,8 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         ));
         tasks.spawn(recv_loop(
             receiver,
+            from,
+            wrong.clone(),
             window,
             st,
             hists.clone(),
@@ -267,12 +340,32 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             stop.clone(),
         ));
     }
+    let churn_counters = Arc::new(churn::ChurnCounters::default());
+    let churn_task = (opts.churn_rate > 0).then(|| {
+        tokio::spawn(churn::churn_loop(
+            url.clone(),
+            opts.churn_rate,
+            Instant::now() + warmup + opts.duration,
+            insecure,
+            opts.churn_parallel,
+            churn_counters.clone(),
+            wrong.clone(),
+        ))
+    });
     tokio::time::sleep(warmup).await;
     let cpu_start = opts.server_pid.and_then(proc_usage);
     let t0 = Instant::now();
     tokio::time::sleep(opts.duration).await;
     let cpu_end = opts.server_pid.and_then(proc_usage);
     let elapsed = t0.elapsed().as_secs_f64();
+    if let Some(s) = opts.server_pid.and_then(sample::sample) {
+        tracker.lock().end(s);
+    }
+    if let Some(t) = churn_task {
+        // Each round is time-bounded, so this ends.
+        let _ = t.await;
+        report.churn = Some(churn_counters.report(opts.churn_rate));
+    }
     // Let packets in flight arrive, then stop the receivers.
     let drain_until = Instant::now() + Duration::from_secs(2);
     loop {
@@ -287,6 +380,22 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     while tasks.join_next().await.is_some() {}
     drop(idle);
     drop(stuck);
+    if let Some(pid) = opts.server_pid {
+        // Give the server a moment to notice the closed connections.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(s) = sample::sample(pid) {
+            tracker.lock().after(s);
+        }
+    }
+    if let Some(t) = sampler {
+        t.abort();
+    }
+    if let Some((rss, fds)) = tracker.lock().spans() {
+        report.server_rss_kib_span = Some(rss);
+        report.server_fds = Some(fds);
+    }
+    report.wrong_key = wrong.wrong_key.load(Ordering::Relaxed);
+    report.wrong_src = wrong.wrong_src.load(Ordering::Relaxed);
 
     let (sent, received) = totals(&stats);
     report.seconds = elapsed;
@@ -418,9 +527,7 @@ async fn send_loop(
 ) {
     let mut seq = 0u64;
     let mut stamp = |buf: &mut [u8]| {
-        let now = clock();
-        buf[..8].copy_from_slice(&seq.to_be_bytes());
-        buf[8..16].copy_from_slice(&now.to_be_bytes());
+        let now = stamp_payload(buf, seq, &dst);
         seq += 1;
         now
     };
@@ -463,8 +570,11 @@ async fn send_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn recv_loop(
     mut c: DynClient,
+    from_key: NodePublic,
+    wrong: Arc<WrongKeys>,
     permits: Arc<Semaphore>,
     st: Arc<PairStats>,
     hist: Arc<parking_lot::Mutex<Histogram<u64>>>,
@@ -472,17 +582,23 @@ async fn recv_loop(
     stop: Arc<AtomicBool>,
 ) {
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    let me = c.public_key();
     let mut last_merge = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let frame = match c.recv().await {
             Ok(f) => f,
             Err(_) => break,
         };
-        let Frame::RecvPacket { payload, .. } = frame else {
+        let Frame::RecvPacket { src, payload } = frame else {
             continue;
         };
         permits.add_permits(1);
-        if payload.len() < STAMP_LEN {
+        if !tag_matches(&payload, &me) {
+            wrong.wrong_key.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if src != from_key {
+            wrong.wrong_src.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let sent_at = u64::from_be_bytes(payload[8..16].try_into().expect("8 bytes"));
@@ -528,6 +644,26 @@ impl BenchReport {
             opt(self.server_cpu_cores, ""),
             self.server_rss_kib.map_or("-".into(), |v| v.to_string())
         );
+        s += &format!(
+            "  wrong key  {:>12}\n  wrong src  {:>12}\n",
+            self.wrong_key, self.wrong_src
+        );
+        if let (Some(r), Some(f)) = (&self.server_rss_kib_span, &self.server_fds) {
+            s += &format!(
+                "  server RSS KiB start {} · max {} · end {} · after {}\n",
+                r.start, r.max, r.end, r.after
+            );
+            s += &format!(
+                "  server FDs     start {} · max {} · end {} · after {}\n",
+                f.start, f.max, f.end, f.after
+            );
+        }
+        if let Some(c) = &self.churn {
+            s += &format!(
+                "  churn {}/s · connections {} · dial errors {} · rounds {} · skipped {} · timed out {} · packets {}/{} delivered\n",
+                c.rate, c.connections, c.dial_errors, c.rounds, c.skipped, c.timed_out, c.delivered, c.sent
+            );
+        }
         if self.idle_clients > 0 {
             s += &format!(
                 "  idle clients {} · handshakes/s {} · server bytes per idle client {}\n",
@@ -537,5 +673,26 @@ impl BenchReport {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_names_the_receiver_and_only_it() {
+        let (a, b) = (
+            NodePrivate::generate().public(),
+            NodePrivate::generate().public(),
+        );
+        let mut buf = [0u8; STAMP_LEN + 4];
+        let t = stamp_payload(&mut buf, 7, &a);
+        assert!(tag_matches(&buf, &a));
+        assert!(!tag_matches(&buf, &b));
+        assert_eq!(u64::from_be_bytes(buf[..8].try_into().unwrap()), 7);
+        assert_eq!(u64::from_be_bytes(buf[8..16].try_into().unwrap()), t);
+        // Too short to carry a tag: never counted as ours.
+        assert!(!tag_matches(&buf[..STAMP_LEN - 1], &a));
     }
 }
