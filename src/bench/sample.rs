@@ -1,6 +1,7 @@
 //! Server resource samples from /proc: resident memory and open file
 //! descriptors, tracked at start, maximum and end of a run.
 
+use super::rss_kib;
 use std::time::Duration;
 
 /// One reading of a process.
@@ -15,15 +16,7 @@ pub struct ProcSample {
 /// Reads `pid`'s RSS and FD count; `None` if the process is gone or
 /// /proc is unreadable.
 pub fn sample(pid: u32) -> Option<ProcSample> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let rss_kib = rss_kib(pid)?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some(ProcSample { rss_kib, fds })
 }
