@@ -190,12 +190,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Writes every queued frame.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        self.stream.flush().await?;
-        Ok(())
+        flush_out(&mut self.stream, &mut self.out).await
     }
 
     /// Sends one frame.
@@ -285,6 +280,19 @@ pub struct ClientReader<R> {
     decoder: FrameDecoder,
 }
 
+/// Writes `out` (the queued frames) to `stream`, empties it and flushes.
+async fn flush_out<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    out: &mut BytesMut,
+) -> Result<(), ClientError> {
+    if !out.is_empty() {
+        stream.write_all(out).await?;
+        out.clear();
+    }
+    stream.flush().await?;
+    Ok(())
+}
+
 /// Reads from `stream` into `buf` until `decoder` yields a frame.
 async fn read_frame<R: AsyncRead + Unpin>(
     stream: &mut R,
@@ -330,12 +338,7 @@ impl<W: AsyncWrite + Unpin> ClientWriter<W> {
 
     /// Writes every queued frame.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        self.stream.flush().await?;
-        Ok(())
+        flush_out(&mut self.stream, &mut self.out).await
     }
 
     /// Writes already-encoded frames (queued frames first) with vectored

@@ -13,18 +13,6 @@ use derpd::proto::Frame;
 use derpd::relay::RelayConfig;
 use tokio::io::AsyncReadExt;
 
-fn header(frame_type: u8, len: u32) -> Vec<u8> {
-    let mut v = vec![frame_type];
-    v.extend_from_slice(&len.to_be_bytes());
-    v
-}
-
-fn raw_frame(frame_type: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = header(frame_type, body.len() as u32);
-    v.extend_from_slice(body);
-    v
-}
-
 /// A ClientInfo frame after the handshake is skipped like any frame the
 /// relay does not act on, whatever its length (Tailscale's relay does the
 /// same); the connection keeps relaying.

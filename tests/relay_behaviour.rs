@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use common::{eventually, metric, our_client, ARRIVES, QUIET};
+use common::{eventually, header, metric, our_client, raw_frame, ARRIVES, QUIET};
 use crypto_box::aead::Aead;
 use derpd::client::{Client, ClientError};
 use derpd::proto::frame::peer_present_flags;
@@ -37,20 +37,6 @@ const PING: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 0x2A];
 
 fn unknown_key() -> NodePublic {
     NodePrivate::generate().public()
-}
-
-/// A frame header: type byte + big-endian body length.
-fn header(frame_type: u8, len: u32) -> Vec<u8> {
-    let mut v = vec![frame_type];
-    v.extend_from_slice(&len.to_be_bytes());
-    v
-}
-
-/// A raw frame with the given body.
-fn raw_frame(frame_type: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = header(frame_type, body.len() as u32);
-    v.extend_from_slice(body);
-    v
 }
 
 /// A payload that looks like disco: magic + 56 more bytes (62 in total).

@@ -150,3 +150,17 @@ pub fn free_port() -> u16 {
     }
     panic!("no free loopback port");
 }
+
+/// A frame header: type byte + big-endian body length.
+pub fn header(frame_type: u8, len: u32) -> Vec<u8> {
+    let mut v = vec![frame_type];
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// A raw frame with the given body.
+pub fn raw_frame(frame_type: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = header(frame_type, body.len() as u32);
+    v.extend_from_slice(body);
+    v
+}
