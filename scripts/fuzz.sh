@@ -29,7 +29,7 @@ fi
 echo "== cargo fuzz build (${#targets[@]} targets)"
 cargo fuzz build "${opts[@]}"
 
-logs="fuzz/logs"
+logs="${FUZZ_LOG_DIR:-fuzz/logs}"
 mkdir -p "$logs"
 failed=()
 printf '%-20s %12s %8s %8s %8s  %s\n' target execs exec/s cov ft result > "$logs/summary.txt"

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::accept::Acceptor;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::Front;
@@ -192,7 +192,7 @@ impl AcceptBackoff {
 /// Accepts on `listener` until `shutdown` is cancelled.
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Acceptor>,
     front: Front,
     limiter: Arc<ConnLimiter>,
     handshake_timeout: Duration,
@@ -251,10 +251,9 @@ pub async fn accept_loop(
                     // after the handshake instead of sizing the task.
                     let accept = Box::pin(acceptor.accept(stream));
                     match timeout(handshake_timeout, accept).await {
-                        Ok(Ok(tls_stream)) => log_end(
-                            remote,
-                            super::serve_stream(Box::new(tls_stream), remote, front).await,
-                        ),
+                        Ok(Ok(tls_stream)) => {
+                            log_end(remote, super::serve_stream(tls_stream, remote, front).await)
+                        }
                         Ok(Err(e)) => {
                             metrics.tls_handshake_errors.inc();
                             tracing::debug!(%remote, error = %e, "TLS handshake failed");

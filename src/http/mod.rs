@@ -127,16 +127,24 @@ impl Transport for TcpStream {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + std::os::fd::AsRawFd + Unpin + Send + 'static> Transport
-    for Box<tokio_rustls::server::TlsStream<S>>
-{
-    type Reader = tokio::io::ReadHalf<Self>;
-    type Writer = tokio::io::WriteHalf<Self>;
+impl Transport for crate::tls::stream::TlsStream {
+    type Reader = crate::tls::stream::TlsReader;
+    type Writer = crate::tls::stream::TlsWriter;
     fn split_rw(self) -> (Self::Reader, Self::Writer) {
-        tokio::io::split(self)
+        self.into_split()
     }
     fn tcp_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.get_ref().0.as_raw_fd())
+        Some(std::os::fd::AsRawFd::as_raw_fd(self.get_ref()))
+    }
+}
+
+impl crate::relay::reader::ReadHalf for crate::tls::stream::TlsReader {
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        self.readable()
+    }
+
+    fn has_partial(&self) -> bool {
+        crate::tls::stream::TlsReader::has_partial(self)
     }
 }
 

@@ -47,6 +47,13 @@ pub trait ReadHalf: AsyncRead + Unpin + Send + 'static {
     fn read_chunk(&self) -> usize {
         READ_CHUNK
     }
+
+    /// Whether the transport holds the start of a unit (a TLS record) whose
+    /// rest has not arrived: counts as a frame in progress for the frame
+    /// timeout.
+    fn has_partial(&self) -> bool {
+        false
+    }
 }
 
 impl ReadHalf for tokio::net::tcp::OwnedReadHalf {
@@ -153,7 +160,7 @@ impl Reader {
                 return e;
             }
             frame_deadline = match (
-                self.decoder.mid_frame(&buf),
+                self.decoder.mid_frame(&buf) || r.has_partial(),
                 self.shared.config.frame_timeout,
             ) {
                 (true, Some(t)) => {

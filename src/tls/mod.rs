@@ -13,9 +13,12 @@
 //!   is left (see [`acme`]).
 //! * `self-signed`: made at start, for labs and tests.
 
+pub mod accept;
 pub mod acme;
 pub mod manual;
+pub mod record;
 mod settings;
+pub mod stream;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -28,7 +31,6 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::proto::NodePublic;
@@ -195,7 +197,7 @@ pub struct CertStats {
 pub struct TlsManager {
     mode: CertMode,
     cert: Arc<SwappableCert>,
-    acceptor: TlsAcceptor,
+    acceptor: accept::Acceptor,
     manual: Option<Arc<manual::ManualCerts>>,
     acme: Option<Arc<acme::Acme>>,
     counters: Arc<CertCounters>,
@@ -478,7 +480,7 @@ impl TlsManager {
         Ok(TlsManager {
             mode: settings.mode,
             cert,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            acceptor: accept::Acceptor::new(config),
             manual,
             acme,
             counters,
@@ -486,7 +488,7 @@ impl TlsManager {
     }
 
     /// The acceptor for the main listener.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub fn acceptor(&self) -> accept::Acceptor {
         self.acceptor.clone()
     }
 
