@@ -174,6 +174,44 @@ async fn manual_server(ca: &TestCa) -> (Server, tempfile::TempDir, Leaf) {
     (server, dir, leaf)
 }
 
+/// A `ts_derp` client upgraded over TLS (checking the served leaf when
+/// given). With `key_update`, the client's TLS layer asks for a KeyUpdate
+/// right before the DERP handshake, so the relay must follow the client's
+/// new key and answer with its own.
+async fn ts_derp_over_tls(
+    server: &Server,
+    ca: &TestCa,
+    leaf: Option<&Leaf>,
+    key_update: bool,
+) -> (ts_derp::Client<TlsStream<TcpStream>>, ts_keys::NodeKeyPair) {
+    let mut s = tls_connect(server, client_config(ca.roots()), HOST)
+        .await
+        .expect("TLS handshake verified against the test CA");
+    if let Some(leaf) = leaf {
+        assert_eq!(peer_leaf(&s), leaf.der);
+    }
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let req = format!(
+        "GET /derp HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.expect("response head"));
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    if key_update {
+        s.get_mut().1.refresh_traffic_keys().unwrap();
+    }
+    let keys = ts_keys::NodeKeyPair::random();
+    let client = timeout(ARRIVES, ts_derp::Client::handshake(s, &keys))
+        .await
+        .expect("handshake in time")
+        .expect("ts_derp handshake over TLS");
+    (client, keys)
+}
+
 #[tokio::test]
 async fn ts_derp_clients_relay_both_ways_over_tls_with_a_manual_certificate() {
     let ca = TestCa::new();
@@ -181,27 +219,7 @@ async fn ts_derp_clients_relay_both_ways_over_tls_with_a_manual_certificate() {
 
     let mut clients = Vec::new();
     for _ in 0..2 {
-        let mut s = tls_connect(&server, client_config(ca.roots()), HOST)
-            .await
-            .expect("TLS handshake verified against the test CA");
-        assert_eq!(peer_leaf(&s), leaf.der);
-        assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-        let req = format!(
-            "GET /derp HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(s.read_u8().await.expect("response head"));
-        }
-        let head = String::from_utf8(head).unwrap();
-        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-        let keys = ts_keys::NodeKeyPair::random();
-        let client = timeout(ARRIVES, ts_derp::Client::handshake(s, &keys))
-            .await
-            .expect("handshake in time")
-            .expect("ts_derp handshake over TLS");
-        clients.push((client, keys));
+        clients.push(ts_derp_over_tls(&server, &ca, Some(&leaf), false).await);
     }
     let (a, ka) = &clients[0];
     let (b, kb) = &clients[1];
@@ -215,6 +233,46 @@ async fn ts_derp_clients_relay_both_ways_over_tls_with_a_manual_certificate() {
         assert_eq!((src, got.as_ref()), (kb.public, &b"back"[..]));
     }
     drop(clients);
+    server.shutdown().await;
+}
+
+/// Idle TLS connections keep no buffers on the relay (its reader drops
+/// them while it waits, see `tls::stream`'s tests); this checks the other
+/// half of that promise end to end: after going quiet, a connection wakes
+/// and relays byte-exact both ways, including after TLS key updates.
+#[tokio::test]
+async fn idle_tls_clients_wake_and_relay_byte_exact_both_ways() {
+    let ca = TestCa::new();
+    let (server, _dir, _leaf) = manual_server(&ca).await;
+    let (a, ka) = ts_derp_over_tls(&server, &ca, None, true).await;
+    let (b, kb) = ts_derp_over_tls(&server, &ca, None, false).await;
+    let payload = |seed: u8, n: usize| -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(13) ^ seed).collect()
+    };
+    for round in 0..3u8 {
+        // Quiet long enough for both directions to go idle on the relay.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        for (i, n) in [1usize, 1200, 16_000, 60_000].into_iter().enumerate() {
+            let seed = round * 16 + i as u8;
+            let up = payload(seed, n);
+            a.send_one(kb.public, &up).await.unwrap();
+            let (src, got) = timeout(ARRIVES, b.recv_one()).await.unwrap().unwrap();
+            assert_eq!(src, ka.public);
+            assert!(
+                got.as_ref() == &up[..],
+                "round {round}: {n} bytes a→b differ"
+            );
+            let down = payload(!seed, n);
+            b.send_one(ka.public, &down).await.unwrap();
+            let (src, got) = timeout(ARRIVES, a.recv_one()).await.unwrap().unwrap();
+            assert_eq!(src, kb.public);
+            assert!(
+                got.as_ref() == &down[..],
+                "round {round}: {n} bytes b→a differ"
+            );
+        }
+    }
+    drop((a, b));
     server.shutdown().await;
 }
 
