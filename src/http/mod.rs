@@ -151,15 +151,36 @@ impl crate::relay::reader::ReadHalf for crate::tls::stream::TlsReader {
 /// Serves one accepted connection (plain TCP or TLS): reads the first
 /// request head, upgrades raw DERP directly, and hands anything else to hyper.
 pub async fn serve_stream<S: Transport>(
-    mut stream: S,
+    stream: S,
     remote: SocketAddr,
     front: Front,
 ) -> std::io::Result<()> {
+    // The first request is transient: boxed, its head and buffers are freed
+    // before the (long-lived) DERP connection is served, instead of sizing
+    // every connection's task.
+    match Box::pin(first_request(stream, remote, &front)).await? {
+        Some((stream, buf, opts)) => {
+            let (r, w) = stream.split_rw();
+            front.relay.serve_conn(r, w, buf, remote, opts).await;
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Reads and answers the first request. A raw DERP upgrade comes back as
+/// the stream, the bytes read past the head and how it was upgraded;
+/// everything else (WebSocket, hyper, refusals) is served here.
+async fn first_request<S: Transport>(
+    mut stream: S,
+    remote: SocketAddr,
+    front: &Front,
+) -> std::io::Result<Option<(S, BytesMut, AcceptOptions)>> {
     let mut buf = BytesMut::with_capacity(2048);
     let errors = &front.relay.metrics().http_request_errors;
     let head = match timeout(front.inner.head_timeout, read_head(&mut stream, &mut buf)).await {
         Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return Ok(None),
         Ok(Err(HeadFailure::Io(e))) => return Err(e),
         Ok(Err(HeadFailure::Head(e))) => {
             let (status, reason, label) = match e {
@@ -168,11 +189,11 @@ pub async fn serve_stream<S: Transport>(
             };
             errors.with_label_values(&[label]).inc();
             refuse(&mut stream, status, reason, &e.to_string()).await;
-            return Ok(());
+            return Ok(None);
         }
         Err(_) => {
             errors.with_label_values(&["head_timeout"]).inc();
-            return Ok(());
+            return Ok(None);
         }
     };
     let (head, head_len) = head;
@@ -184,7 +205,7 @@ pub async fn serve_stream<S: Transport>(
             "Bad Request"
         };
         refuse(&mut stream, f.status(), reason, &f.to_string()).await;
-        return Ok(());
+        return Ok(None);
     }
     if head.is_raw_derp_upgrade() {
         let _ = buf.split_to(head_len);
@@ -198,15 +219,21 @@ pub async fn serve_stream<S: Transport>(
             not_ideal: head.ideal_node,
             tcp_fd: stream.tcp_fd(),
         };
-        let (r, w) = stream.split_rw();
-        front.relay.serve_conn(r, w, buf, remote, opts).await;
-        return Ok(());
+        // Whatever was read past the head, in a buffer of its own size.
+        let buf = if buf.is_empty() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&buf[..])
+        };
+        return Ok(Some((stream, buf, opts)));
     }
     // DERP over WebSocket (issue 3): handshake answered on the socket.
     if head.path == "/derp" && head.is_websocket_derp() && front.websocket {
-        return Box::pin(websocket::serve_first_request(stream, buf, remote, front)).await;
+        websocket::serve_first_request(stream, buf, remote, front.clone()).await?;
+        return Ok(None);
     }
-    Box::pin(serve_hyper(Prefixed::new(buf, stream), remote, front)).await
+    serve_hyper(Prefixed::new(buf, stream), remote, front.clone()).await?;
+    Ok(None)
 }
 
 /// Serves a connection with hyper (HTTP/1.1, keep-alive, upgrades).

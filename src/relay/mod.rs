@@ -288,11 +288,66 @@ impl Relay {
         R: reader::ReadHalf,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        // The handshake and admission are transient: boxed, their state is
+        // freed once the client is in, instead of sizing this (long-lived)
+        // future. An idle client's memory is mostly its two tasks.
+        let not_ideal = opts.not_ideal;
+        let tcp_fd = opts.tcp_fd;
+        let admitted = Box::pin(self.admit(&mut r, &mut w, &mut buf, remote, opts)).await;
+        let Some((conn, server_info)) = admitted else {
+            return;
+        };
+        let shared = &self.shared;
+        // Reader and writer share this task: one task per connection (its
+        // header and alignment are a good part of an idle client's memory).
+        // They still make progress independently: `join!` polls each when
+        // the task wakes, and neither waits for the other.
+        let writer = writer::run(w, conn.clone(), shared.clone(), server_info, tcp_fd);
+        let reader = async {
+            let mut reader = Reader::new(conn.clone(), shared.clone());
+            let end = reader.run(&mut r, buf).await;
+            conn.cancel.cancel();
+            let leftover = conn.outbox.close();
+            writer::count_batch_drops(shared, &leftover, DropReason::GoneDisconnected);
+            reader.finish();
+            let sent_to = std::mem::take(&mut reader.sent_to);
+            shared.registry.unregister(&conn, sent_to);
+            if not_ideal {
+                shared.metrics.current_notideal_connections.dec();
+            }
+            end
+        };
+        let (end, wend) = tokio::join!(reader, writer);
+        let (key, id) = (conn.key, conn.id);
+        match &end {
+            ReaderEnd::Eof | ReaderEnd::Closed => {
+                tracing::debug!(%remote, %key, conn = id, writer = ?wend, "client disconnected")
+            }
+            e => {
+                tracing::info!(%remote, %key, conn = id, error = %e, "client connection closed")
+            }
+        }
+    }
+
+    /// Handshake, admission and registration: the registered connection
+    /// and its sealed ServerInfo frame, or `None` (counted and logged).
+    async fn admit<R, W>(
+        &self,
+        r: &mut R,
+        w: &mut W,
+        buf: &mut BytesMut,
+        remote: SocketAddr,
+        opts: AcceptOptions,
+    ) -> Option<(Arc<ClientConn>, Bytes)>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let shared = &self.shared;
         shared.metrics.accepts.inc();
         let hs = timeout(
             shared.config.handshake_timeout,
-            self.handshake(&mut r, &mut w, &mut buf, &opts),
+            self.handshake(r, w, buf, &opts),
         )
         .await
         .unwrap_or(Err(ConnError::HandshakeTimeout));
@@ -301,7 +356,7 @@ impl Relay {
             Err(e) => {
                 shared.metrics.handshake_failed(e.label());
                 tracing::debug!(%remote, error = %e, "handshake failed");
-                return;
+                return None;
             }
         };
         let can_mesh = match (&shared.mesh_key, &info.mesh_key) {
@@ -316,7 +371,7 @@ impl Relay {
         if let Some(admission) = admission {
             if !admission.admit(client_key, remote).await {
                 tracing::debug!(%remote, key = %client_key, "client refused by admission");
-                return;
+                return None;
             }
         }
         let (rate, _) = shared.client_rate();
@@ -346,34 +401,7 @@ impl Relay {
         }
         shared.registry.register(conn.clone());
         tracing::debug!(%remote, key = %client_key, can_mesh, conn = conn.id, "client connected");
-
-        let writer = tokio::spawn(writer::run(
-            w,
-            conn.clone(),
-            shared.clone(),
-            server_info,
-            opts.tcp_fd,
-        ));
-        let mut reader = Reader::new(conn.clone(), shared.clone());
-        let end = reader.run(&mut r, buf).await;
-        conn.cancel.cancel();
-        let leftover = conn.outbox.close();
-        writer::count_batch_drops(shared, &leftover, DropReason::GoneDisconnected);
-        reader.finish();
-        let sent_to = std::mem::take(&mut reader.sent_to);
-        shared.registry.unregister(&conn, sent_to);
-        if opts.not_ideal {
-            shared.metrics.current_notideal_connections.dec();
-        }
-        let wend = writer.await;
-        match &end {
-            ReaderEnd::Eof | ReaderEnd::Closed => {
-                tracing::debug!(%remote, key = %client_key, conn = conn.id, writer = ?wend.ok(), "client disconnected")
-            }
-            e => {
-                tracing::info!(%remote, key = %client_key, conn = conn.id, error = %e, "client connection closed")
-            }
-        }
+        Some((conn, server_info))
     }
 
     /// Server side of the handshake: ServerKey out, ClientInfo in and opened.

@@ -2,6 +2,7 @@
 //! on them. Packets are routed straight into the destination's outbox; the
 //! payload is a slice of this reader's buffer, never copied.
 
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,7 +59,10 @@ pub trait ReadHalf: AsyncRead + Unpin + Send + 'static {
 
 impl ReadHalf for tokio::net::tcp::OwnedReadHalf {
     fn wait_readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
-        self.readable()
+        // Poll-based readiness uses the socket's own waker slot: a few bytes
+        // in the waiting future instead of a `readable()` waiter (168).
+        let tcp: &tokio::net::TcpStream = (*self).as_ref();
+        std::future::poll_fn(move |cx| tcp.poll_read_ready(cx))
     }
 }
 
@@ -105,6 +109,33 @@ pub enum ReaderEnd {
     FrameTimeout,
 }
 
+/// Sets `timer` to the earlier of the frame deadline and the idle deadline
+/// (from now); with neither, drops it so a quiet connection holds no timer.
+fn arm(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    frame_deadline: Option<tokio::time::Instant>,
+    idle: Option<Duration>,
+) {
+    let idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
+    let deadline = match (frame_deadline, idle_deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    match (deadline, timer.as_mut()) {
+        (None, _) => *timer = None,
+        (Some(d), Some(t)) => t.as_mut().reset(d),
+        (Some(d), None) => *timer = Some(Box::pin(tokio::time::sleep_until(d))),
+    }
+}
+
+/// Resolves when the armed timer fires; never without one.
+async fn expiry(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer.as_mut() {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Per-reader state.
 pub struct Reader {
     conn: Arc<ClientConn>,
@@ -148,8 +179,15 @@ impl Reader {
     /// Reads and handles frames until the connection ends. `buf` holds any
     /// bytes already read past the handshake.
     pub async fn run<R: ReadHalf>(&mut self, r: &mut R, mut buf: BytesMut) -> ReaderEnd {
+        // This future lives as long as the connection, so its size is a
+        // large part of an idle client's memory: one cancellation future
+        // for the whole loop, and one timer, boxed and made only while a
+        // deadline exists (a frame in progress, or an idle timeout).
         let cancel = self.conn.cancel.clone();
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         let idle = self.shared.config.idle_timeout;
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut limiter: Option<TokenBucket> = None;
         let mut rate_generation = u64::MAX;
         let mut last_read = 0usize;
@@ -168,14 +206,6 @@ impl Reader {
                 }
                 _ => None,
             };
-            // Never fires while no frame is in progress.
-            let frame_timer = async {
-                match frame_deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(frame_timer);
             if !self.conn.can_mesh {
                 if self.shared.client_rate_generation() != rate_generation {
                     let (rate, g) = self.shared.client_rate();
@@ -190,9 +220,10 @@ impl Reader {
                     .filter(|w| !w.is_zero())
                 {
                     self.shared.metrics.rate_limit_waits.inc();
+                    let sleep = Box::pin(tokio::time::sleep(wait));
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = cancel.cancelled() => return ReaderEnd::Closed,
+                        _ = sleep => {}
+                        _ = &mut cancelled => return ReaderEnd::Closed,
                     }
                 }
             }
@@ -208,25 +239,14 @@ impl Reader {
                 // Between bursts: an idle connection holds no read buffer.
                 if r.wait_readable().now_or_never().is_none() {
                     buf = BytesMut::new();
-                    let ready = async {
-                        match idle {
-                            Some(d) => tokio::time::timeout(d, r.wait_readable())
-                                .await
-                                .unwrap_or(Err(std::io::ErrorKind::TimedOut.into())),
-                            None => r.wait_readable().await,
-                        }
-                    };
+                    arm(&mut timer, frame_deadline, idle);
                     let ready = tokio::select! {
-                        r = ready => r,
-                        _ = &mut frame_timer => return self.frame_timed_out(),
-                        _ = cancel.cancelled() => return ReaderEnd::Closed,
+                        r = r.wait_readable() => r,
+                        _ = expiry(&mut timer) => return self.timed_out(frame_deadline),
+                        _ = &mut cancelled => return ReaderEnd::Closed,
                     };
-                    match ready {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut && idle.is_some() => {
-                            return ReaderEnd::Idle
-                        }
-                        Err(e) => return ReaderEnd::Io(e),
+                    if let Err(e) = ready {
+                        return ReaderEnd::Io(e);
                     }
                 }
             }
@@ -238,18 +258,11 @@ impl Reader {
                     r.read_chunk()
                 });
             }
-            let read = async {
-                match idle {
-                    Some(d) => tokio::time::timeout(d, r.read_buf(&mut buf))
-                        .await
-                        .unwrap_or(Err(std::io::ErrorKind::TimedOut.into())),
-                    None => r.read_buf(&mut buf).await,
-                }
-            };
+            arm(&mut timer, frame_deadline, idle);
             let n = tokio::select! {
-                r = read => r,
-                _ = &mut frame_timer => return self.frame_timed_out(),
-                _ = cancel.cancelled() => return ReaderEnd::Closed,
+                r = r.read_buf(&mut buf) => r,
+                _ = expiry(&mut timer) => return self.timed_out(frame_deadline),
+                _ = &mut cancelled => return ReaderEnd::Closed,
             };
             match n {
                 Ok(0) => return ReaderEnd::Eof,
@@ -259,11 +272,17 @@ impl Reader {
                         l.take(n as f64);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && idle.is_some() => {
-                    return ReaderEnd::Idle
-                }
                 Err(e) => return ReaderEnd::Io(e),
             }
+        }
+    }
+
+    /// The timer fired: the frame in progress is late, or (no frame in
+    /// progress) the connection was idle too long.
+    fn timed_out(&self, frame_deadline: Option<tokio::time::Instant>) -> ReaderEnd {
+        match frame_deadline {
+            Some(d) if d <= tokio::time::Instant::now() => self.frame_timed_out(),
+            _ => ReaderEnd::Idle,
         }
     }
 

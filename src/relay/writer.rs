@@ -4,12 +4,13 @@
 //! slice shared with the sender's read buffer.
 
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, Instant, Sleep};
 
 use super::conn::ClientConn;
 use super::outbox::Batch;
@@ -17,7 +18,7 @@ use super::Shared;
 use crate::metrics::DropReason;
 use crate::proto::frame::recv_packet_prefix;
 use crate::proto::limits::looks_like_disco;
-use crate::proto::{Frame, PeerGoneReason};
+use crate::proto::{Frame, FrameType, PeerGoneReason};
 
 /// Most slices handed to one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 512;
@@ -74,13 +75,26 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     first: Bytes,
     write_timeout: Option<Duration>,
 ) -> WriterEnd {
-    if let Err(e) = write_all_timed(w, &mut [IoSlice::new(&first)], write_timeout).await {
-        return e;
-    }
+    // This future lives as long as the connection: one timer serves both
+    // the keepalive and the write deadline. No cancellation branch: a
+    // closing connection closes its outbox, which wakes this loop.
     let keepalive = shared.config.keepalive_interval
         + Duration::from_millis(fastrand::u64(
             0..shared.config.keepalive_jitter.as_millis() as u64 + 1,
         ));
+    let timer = tokio::time::sleep(keepalive);
+    tokio::pin!(timer);
+    let written = write_all_timed(
+        w,
+        &mut [IoSlice::new(&first)],
+        write_timeout,
+        timer.as_mut(),
+    )
+    .await;
+    drop(first);
+    if let Err(e) = written {
+        return e;
+    }
     let mut next_keepalive = Instant::now() + keepalive;
     let mut batch = Batch::default();
     let mut scratch = BatchScratch::default();
@@ -89,21 +103,41 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             return WriterEnd::Closed;
         }
         if batch.is_empty() {
+            // Going quiet: drop the queues' capacity (a quiet connection
+            // keeps no buffers); a busy one never gets here.
+            batch = Batch::default();
+            timer.as_mut().reset(next_keepalive);
             tokio::select! {
                 _ = conn.outbox.wait() => continue,
-                _ = conn.cancel.cancelled() => return WriterEnd::Closed,
-                _ = tokio::time::sleep_until(next_keepalive) => {
-                    next_keepalive = Instant::now() + keepalive;
-                    batch.control.push_back(Frame::KeepAlive);
-                }
+                _ = &mut timer => {}
             }
+            next_keepalive = Instant::now() + keepalive;
+            // Written as is: five bytes, no queue to grow.
+            let ka = [FrameType::KeepAlive as u8, 0, 0, 0, 0];
+            if let Err(e) =
+                write_all_timed(w, &mut [IoSlice::new(&ka)], write_timeout, timer.as_mut()).await
+            {
+                return e;
+            }
+            continue;
         }
-        let result = write_batch(w, &batch, &mut scratch, shared, write_timeout).await;
+        // Boxed: a batch's transient state (slices, iterators, the write)
+        // does not size this long-lived future.
+        let result = Box::pin(write_batch(
+            w,
+            &batch,
+            &mut scratch,
+            shared,
+            write_timeout,
+            timer.as_mut(),
+        ))
+        .await;
         if let Err(end) = result {
             count_batch_drops(shared, &batch, DropReason::WriteError);
             return end;
         }
         batch.clear();
+        scratch.release_if_large();
     }
 }
 
@@ -114,12 +148,25 @@ struct BatchScratch {
     prefixes: Vec<[u8; 37]>,
 }
 
+impl BatchScratch {
+    /// Keeps the buffers of a busy connection, frees those a burst grew.
+    fn release_if_large(&mut self) {
+        if self.control.capacity() > 4096 {
+            self.control = BytesMut::new();
+        }
+        if self.prefixes.capacity() > 64 {
+            self.prefixes = Vec::new();
+        }
+    }
+}
+
 async fn write_batch<W: AsyncWrite + Unpin>(
     w: &mut W,
     batch: &Batch,
     scratch: &mut BatchScratch,
     shared: &Shared,
     write_timeout: Option<Duration>,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<(), WriterEnd> {
     let m = &shared.metrics;
     scratch.control.clear();
@@ -159,12 +206,12 @@ async fn write_batch<W: AsyncWrite + Unpin>(
             slices.push(IoSlice::new(&p.payload));
         }
         if slices.len() >= MAX_IOVECS {
-            write_all_timed(w, &mut slices, write_timeout).await?;
+            write_all_timed(w, &mut slices, write_timeout, timer.as_mut()).await?;
             slices.clear();
         }
     }
     if !slices.is_empty() {
-        write_all_timed(w, &mut slices, write_timeout).await?;
+        write_all_timed(w, &mut slices, write_timeout, timer).await?;
     }
     frames += npackets as u64;
     m.sent.add(npackets as u64, bytes);
@@ -176,18 +223,23 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Writes every byte of `slices`, each write bounded by `limit`.
+/// Writes every byte of `slices`, each write (and the flush) bounded by
+/// `limit`, timed with `timer`.
 async fn write_all_timed<W: AsyncWrite + Unpin>(
     w: &mut W,
     mut slices: &mut [IoSlice<'_>],
     limit: Option<Duration>,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<(), WriterEnd> {
     while !slices.is_empty() {
         let n = match limit {
-            Some(d) => match timeout(d, w.write_vectored(slices)).await {
-                Ok(r) => r,
-                Err(_) => return Err(WriterEnd::Timeout),
-            },
+            Some(d) => {
+                timer.as_mut().reset(Instant::now() + d);
+                tokio::select! {
+                    r = w.write_vectored(slices) => r,
+                    _ = timer.as_mut() => return Err(WriterEnd::Timeout),
+                }
+            }
             None => w.write_vectored(slices).await,
         }
         .map_err(WriterEnd::Error)?;
@@ -197,10 +249,13 @@ async fn write_all_timed<W: AsyncWrite + Unpin>(
         IoSlice::advance_slices(&mut slices, n);
     }
     match limit {
-        Some(d) => match timeout(d, w.flush()).await {
-            Ok(r) => r.map_err(WriterEnd::Error),
-            Err(_) => Err(WriterEnd::Timeout),
-        },
+        Some(d) => {
+            timer.as_mut().reset(Instant::now() + d);
+            tokio::select! {
+                r = w.flush() => r.map_err(WriterEnd::Error),
+                _ = timer.as_mut() => Err(WriterEnd::Timeout),
+            }
+        }
         None => w.flush().await.map_err(WriterEnd::Error),
     }
 }

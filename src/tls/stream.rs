@@ -459,7 +459,8 @@ impl TlsReader {
             return Ok(());
         }
         self.rx.release_if_empty();
-        self.tcp.readable().await
+        let tcp: &TcpStream = self.tcp.as_ref();
+        std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await
     }
 
     /// Part of a record has arrived and the rest has not.
