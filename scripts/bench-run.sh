@@ -2,8 +2,12 @@
 # Runs one `derpd bench` against a fresh release-build relay on loopback.
 #   scripts/bench-run.sh [--tls] [--server "extra serve flags"] -- <bench flags>
 # Example: scripts/bench-run.sh -- --pairs 10 --window 32 --duration 10s
+#          scripts/bench-run.sh --tls -- --pairs 10 --rate 1000 --idle 10000 --source-addrs 2 --storm
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The relay and the bench may hold as many sockets as the hard limit allows
+# (both also raise their own soft limit at start, as Go programs do).
+ulimit -n "$(ulimit -Hn)"
 tls=0
 server_flags=""
 while [ $# -gt 0 ]; do

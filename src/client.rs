@@ -450,6 +450,167 @@ pub async fn dial_via(
     Client::upgrade_and_handshake(boxed, &addr, key, info).await
 }
 
+/// [`dial`], with the local end of the TCP connection bound to `source`
+/// (any port) before connecting, when given: e.g. `127.0.0.2` to spread
+/// many connections to a loopback relay over several source addresses,
+/// each with its own ephemeral ports. The relay's address is the first
+/// the URL's host resolves to in `source`'s family.
+pub async fn dial_from(
+    url: &str,
+    key: &NodePrivate,
+    insecure: bool,
+    source: Option<std::net::IpAddr>,
+) -> Result<DynClient, ClientError> {
+    let target = Target::parse(url)?;
+    let tcp = connect_from(&target.addr, source).await?;
+    match target.tls_name {
+        None => {
+            let boxed: Box<dyn Stream> = Box::new(tcp);
+            Client::upgrade_and_handshake(boxed, &target.addr, key, ClientInfo::default()).await
+        }
+        Some(name) => {
+            let tls = tls_connect(name, tcp, insecure).await?;
+            let boxed: Box<dyn Stream> = Box::new(tls);
+            Client::upgrade_and_handshake(boxed, &target.addr, key, ClientInfo::default()).await
+        }
+    }
+}
+
+/// Dials like [`dial_from`], handshakes, then keeps nothing but the TCP
+/// socket: no buffers, no TLS state, not registered with the runtime. For
+/// a benchmark's idle clients, which never read or write again (a relay
+/// sends an idle client a few bytes of KeepAlive a minute; they wait in
+/// the kernel's receive buffer). Dropping the socket closes the
+/// connection.
+pub async fn dial_held(
+    url: &str,
+    key: &NodePrivate,
+    insecure: bool,
+    source: Option<std::net::IpAddr>,
+) -> Result<std::net::TcpStream, ClientError> {
+    let target = Target::parse(url)?;
+    let tcp = connect_from(&target.addr, source).await?;
+    let tcp = match target.tls_name {
+        None => {
+            let c = Client::upgrade_and_handshake(tcp, &target.addr, key, ClientInfo::default())
+                .await?;
+            c.into_inner()
+        }
+        Some(name) => {
+            let tls = tls_connect(name, tcp, insecure).await?;
+            let c = Client::upgrade_and_handshake(tls, &target.addr, key, ClientInfo::default())
+                .await?;
+            c.into_inner().into_inner().0
+        }
+    };
+    Ok(tcp.into_std()?)
+}
+
+/// Where a relay URL points: `host:port` and, for `https://`, the TLS
+/// server name.
+struct Target {
+    addr: String,
+    tls_name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, ClientError> {
+        let Some(rest) = url.strip_prefix("https://") else {
+            return Ok(Target {
+                addr: host_port(url)?,
+                tls_name: None,
+            });
+        };
+        let hp = rest.split('/').next().unwrap_or("");
+        let addr = if hp.contains(':') {
+            hp.to_owned()
+        } else {
+            format!("{hp}:443")
+        };
+        let host = addr.rsplit_once(':').map_or(&addr[..], |(h, _)| h);
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let name = rustls::pki_types::ServerName::try_from(host)
+            .map_err(|_| ClientError::BadUrl(url.to_owned()))?;
+        Ok(Target {
+            addr,
+            tls_name: Some(name),
+        })
+    }
+}
+
+/// Connects to `addr` (`host:port`), from `source` when given.
+async fn connect_from(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+) -> Result<TcpStream, ClientError> {
+    let stream = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(src) => {
+            let dst = tokio::net::lookup_host(addr)
+                .await?
+                .find(|a| a.is_ipv4() == src.is_ipv4())
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::AddrNotAvailable,
+                        format!("{addr} has no address of the family of {src}"),
+                    )
+                })?;
+            let socket = if src.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            bind_address_no_port(&socket);
+            socket.bind(std::net::SocketAddr::new(src, 0))?;
+            socket.connect(dst).await?
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (best effort): `bind` then fixes only
+/// the source address and `connect` picks the port, unique per
+/// destination, as for an unbound socket. Without it `bind` must find a
+/// port free for every destination, which grows slow as ports fill up
+/// (thousands of connections, or a previous run's TIME-WAIT sockets).
+fn bind_address_no_port(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a c_int option of its size.
+    let _ = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of_val(&one) as libc::socklen_t,
+        )
+    };
+}
+
+async fn tls_connect(
+    name: rustls::pki_types::ServerName<'static>,
+    tcp: TcpStream,
+    insecure: bool,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    // One configuration per process (building one reads the trust store),
+    // without session resumption: every dial is a separate client's full
+    // handshake, as a relay sees when many nodes connect.
+    static CONFIGS: [std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let config = CONFIGS[usize::from(insecure)].get_or_init(|| {
+        let mut c = tls_client_config(insecure);
+        c.resumption = rustls::client::Resumption::disabled();
+        std::sync::Arc::new(c)
+    });
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    Ok(connector.connect(name, tcp).await?)
+}
+
 fn tls_client_config(insecure: bool) -> rustls::ClientConfig {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if insecure {

@@ -21,6 +21,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod proto;
 pub mod relay;
+pub mod rlimit;
 pub mod server;
 pub mod sockopt;
 pub mod stun;

@@ -65,6 +65,16 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    match derpd::rlimit::last_raise() {
+        Some(Ok(r)) => tracing::debug!(
+            before = r.before,
+            soft = r.soft,
+            hard = r.hard,
+            "open-file limit (RLIMIT_NOFILE): soft limit set to the hard limit"
+        ),
+        Some(Err(e)) => tracing::debug!(error = %e, "raising the open-file limit failed"),
+        None => {}
+    }
 }
 
 async fn serve(flags: Settings) -> Result<(), String> {
@@ -145,6 +155,9 @@ async fn probe(url: &str) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(derpd::config::go_style_args(std::env::args_os()));
+    // As Go's runtime does: every subcommand may use as many file
+    // descriptors as the hard limit allows (logged once logging is set up).
+    let _ = derpd::rlimit::raise_nofile();
     let command = cli
         .command
         .unwrap_or_else(|| Command::Serve(Box::default()));

@@ -18,6 +18,8 @@ fn options(url: String) -> BenchOptions {
         rate: Some(200),
         idle: 50,
         idle_parallel: 16,
+        source_addrs: 1,
+        storm: false,
         stuck_watchers: 0,
         mesh_psk_file: None,
         tls: false,
