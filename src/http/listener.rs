@@ -250,7 +250,10 @@ pub async fn accept_loop(
                     // The handshake state is transient: boxed, it is freed
                     // after the handshake instead of sizing the task.
                     let accept = Box::pin(acceptor.accept(stream));
-                    match timeout(handshake_timeout, accept).await {
+                    // Bound first: a temporary in the `match` head would
+                    // live (and size this task) for the whole connection.
+                    let accepted = timeout(handshake_timeout, accept).await;
+                    match accepted {
                         Ok(Ok(tls_stream)) => {
                             log_end(remote, super::serve_stream(tls_stream, remote, front).await)
                         }

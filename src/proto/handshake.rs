@@ -8,8 +8,9 @@
 use std::fmt;
 
 use bytes::Bytes;
-use crypto_box::aead::{Aead, AeadCore, OsRng};
+use crypto_box::aead::{Aead, AeadCore, KeyInit, OsRng};
 use crypto_box::SalsaBox;
+use crypto_secretbox::Kdf;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
@@ -197,6 +198,92 @@ impl ServerInfo {
             token_bucket_bytes_per_second: rate,
             token_bucket_bytes_burst: burst,
         }
+    }
+}
+
+/// A private key prepared for handshakes: its X25519 form is parsed once
+/// (aws-lc's X25519, several times faster than a portable implementation),
+/// so each handshake costs one scalar multiplication.
+pub struct HandshakeSecret(aws_lc_rs::agreement::PrivateKey);
+
+impl fmt::Debug for HandshakeSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandshakeSecret(..)")
+    }
+}
+
+impl HandshakeSecret {
+    /// Prepares `key`.
+    pub fn new(key: &NodePrivate) -> HandshakeSecret {
+        let bytes = zeroize::Zeroizing::new(key.to_box_key().to_bytes());
+        HandshakeSecret(
+            aws_lc_rs::agreement::PrivateKey::from_private_key(
+                &aws_lc_rs::agreement::X25519,
+                &bytes[..],
+            )
+            .expect("any 32 bytes are an X25519 private key"),
+        )
+    }
+
+    /// The NaCl box between this key and `peer` (X25519, then HSalsa20, as
+    /// `crypto_box_beforenm`). A low-order `peer` key (whose shared secret
+    /// is all zeros, so anyone could seal to it) is refused.
+    pub fn peer_box(&self, peer: &NodePublic) -> Result<PeerBox, HandshakeError> {
+        let peer =
+            aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::X25519, peer.0);
+        aws_lc_rs::agreement::agree(&self.0, peer, HandshakeError::BoxOpenFailed, |shared| {
+            let shared = crypto_secretbox::Key::clone_from_slice(shared);
+            let key = zeroize::Zeroizing::new(<crypto_secretbox::XSalsa20Poly1305 as Kdf>::kdf(
+                &shared,
+                &Default::default(),
+            ));
+            Ok(PeerBox(crypto_secretbox::XSalsa20Poly1305::new(&key)))
+        })
+    }
+}
+
+/// A precomputed NaCl box to one peer: seals and opens without further
+/// key agreement (the server opens ClientInfo and seals ServerInfo with it).
+pub struct PeerBox(crypto_secretbox::XSalsa20Poly1305);
+
+impl fmt::Debug for PeerBox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PeerBox(..)")
+    }
+}
+
+impl PeerBox {
+    /// Seals `plaintext` under a fresh random nonce.
+    pub fn seal(&self, plaintext: &[u8]) -> ([u8; NONCE_LEN], Bytes) {
+        let nonce = crypto_secretbox::XSalsa20Poly1305::generate_nonce(&mut OsRng);
+        let sealed = self
+            .0
+            .encrypt(&nonce, plaintext)
+            .expect("sealing into a Vec cannot fail");
+        (nonce.into(), Bytes::from(sealed))
+    }
+
+    /// Opens a box sealed by the peer.
+    pub fn open(&self, nonce: &[u8; NONCE_LEN], sealed: &[u8]) -> Result<Vec<u8>, HandshakeError> {
+        self.0
+            .decrypt(nonce.into(), sealed)
+            .map_err(|_| HandshakeError::BoxOpenFailed)
+    }
+
+    /// Server side: opens and parses a client's ClientInfo.
+    pub fn open_client_info(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        sealed: &[u8],
+    ) -> Result<ClientInfo, HandshakeError> {
+        ClientInfo::from_json(&self.open(nonce, sealed)?)
+    }
+
+    /// Server side: the ServerInfo frame sealed to the client.
+    pub fn seal_server_info(&self, info: &ServerInfo) -> Frame {
+        let json = serde_json::to_vec(info).expect("ServerInfo always serializes");
+        let (nonce, sealed) = self.seal(&json);
+        Frame::ServerInfo { nonce, sealed }
     }
 }
 

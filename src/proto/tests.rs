@@ -497,3 +497,59 @@ fn mesh_key_comparison() {
     assert!(MeshKey::from_hex("badf00d").is_err());
     assert_eq!(format!("{a:?}"), "MeshKey(<redacted>)");
 }
+
+#[test]
+fn the_servers_precomputed_box_agrees_with_crypto_box_both_ways() {
+    for _ in 0..20 {
+        let server = NodePrivate::generate();
+        let client = NodePrivate::generate();
+        let secret = HandshakeSecret::new(&server);
+        let pbox = secret.peer_box(&client.public()).unwrap();
+        // A ClientInfo sealed by the client (crypto_box) opens with it…
+        let info = ClientInfo {
+            version: 2,
+            is_prober: true,
+            ..Default::default()
+        };
+        let Frame::ClientInfo { nonce, sealed, .. } =
+            seal_client_info(&client, &server.public(), &info)
+        else {
+            panic!("not ClientInfo")
+        };
+        let opened = pbox.open_client_info(&nonce, &sealed).unwrap();
+        assert!(opened.is_prober);
+        // …and a ServerInfo sealed with it opens with crypto_box.
+        let Frame::ServerInfo { nonce, sealed } = pbox.seal_server_info(&ServerInfo::current(7, 9))
+        else {
+            panic!("not ServerInfo")
+        };
+        let si = open_server_info(&client, &server.public(), &nonce, &sealed).unwrap();
+        assert_eq!(
+            (
+                si.token_bucket_bytes_per_second,
+                si.token_bucket_bytes_burst
+            ),
+            (7, 9)
+        );
+        // A box for another key does not open it.
+        let other = secret.peer_box(&NodePrivate::generate().public()).unwrap();
+        assert_eq!(
+            other.open(&nonce, &sealed),
+            Err(HandshakeError::BoxOpenFailed)
+        );
+    }
+}
+
+#[test]
+fn low_order_client_keys_are_refused() {
+    let secret = HandshakeSecret::new(&NodePrivate::generate());
+    // The zero point and the point of order 2: every shared secret is zero.
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    for k in [[0u8; 32], one] {
+        assert_eq!(
+            secret.peer_box(&NodePublic(k)).unwrap_err(),
+            HandshakeError::BoxOpenFailed
+        );
+    }
+}

@@ -24,7 +24,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{DropReason, Metrics};
-use crate::proto::handshake::{open_client_info, seal_server_info};
+use crate::proto::handshake::{HandshakeSecret, PeerBox};
 use crate::proto::{
     ClientInfo, Frame, FrameDecoder, HandshakeError, MeshKey, NodePrivate, NodePublic, Role,
     ServerInfo,
@@ -86,7 +86,8 @@ impl Default for RelayConfig {
 pub struct Shared {
     /// Core tunables.
     pub config: RelayConfig,
-    private_key: NodePrivate,
+    /// The relay's private key, prepared for handshakes.
+    secret: HandshakeSecret,
     /// The relay's public node key.
     pub public_key: NodePublic,
     mesh_key: Option<MeshKey>,
@@ -183,9 +184,10 @@ impl Relay {
         metrics: Arc<Metrics>,
     ) -> Relay {
         let public_key = private_key.public();
+        let secret = HandshakeSecret::new(&private_key);
         Relay {
             shared: Arc::new(Shared {
-                private_key,
+                secret,
                 public_key,
                 mesh_key,
                 registry: Registry::new(metrics.clone()),
@@ -351,7 +353,7 @@ impl Relay {
         )
         .await
         .unwrap_or(Err(ConnError::HandshakeTimeout));
-        let (client_key, info) = match hs {
+        let (client_key, info, peer_box) = match hs {
             Ok(v) => v,
             Err(e) => {
                 shared.metrics.handshake_failed(e.label());
@@ -380,8 +382,7 @@ impl Relay {
         } else {
             ServerInfo::current(rate.bytes_per_sec as i64, rate.burst as i64)
         };
-        let server_info =
-            seal_server_info(&shared.private_key, &client_key, &advertised).to_bytes();
+        let server_info = peer_box.seal_server_info(&advertised).to_bytes();
         let control_cap = if can_mesh {
             shared.config.mesh_control_queue_cap
         } else {
@@ -411,7 +412,7 @@ impl Relay {
         w: &mut W,
         buf: &mut BytesMut,
         opts: &AcceptOptions,
-    ) -> Result<(NodePublic, ClientInfo), ConnError>
+    ) -> Result<(NodePublic, ClientInfo, PeerBox), ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -442,7 +443,9 @@ impl Relay {
             let t = frame.type_byte();
             return Err(HandshakeError::FirstFrameNotClientInfo(t).into());
         };
-        let info = open_client_info(&shared.private_key, &key, &nonce, &sealed)?;
-        Ok((key, info))
+        // One key agreement serves both boxes (ClientInfo in, ServerInfo out).
+        let peer_box = shared.secret.peer_box(&key)?;
+        let info = peer_box.open_client_info(&nonce, &sealed)?;
+        Ok((key, info, peer_box))
     }
 }

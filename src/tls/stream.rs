@@ -29,6 +29,8 @@ use super::record::{self, content, PostHandshake, RecordError, RecordKey, Versio
 
 /// Ciphertext read from the socket per read while busy.
 const READ_CHUNK: usize = 32 << 10;
+/// Ciphertext read by the first read after a quiet spell.
+const WAKE_CHUNK: usize = 4 << 10;
 /// Plaintext sealed per write call, at most (the rest waits for the next).
 const WRITE_CHUNK: usize = 128 << 10;
 
@@ -175,7 +177,14 @@ impl Rx {
                 _ => 0,
             };
             if self.buf.capacity() - self.buf.len() < want.max(1024) {
-                self.buf.reserve(want.max(READ_CHUNK));
+                // Waking from idle, start small: most wake-ups carry a
+                // record or two.
+                let chunk = if self.buf.capacity() == 0 {
+                    WAKE_CHUNK
+                } else {
+                    READ_CHUNK
+                };
+                self.buf.reserve(want.max(chunk));
             }
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *io),
