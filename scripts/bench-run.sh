@@ -2,6 +2,8 @@
 # Runs one `derpd bench` against a fresh release-build relay on loopback.
 #   scripts/bench-run.sh [--tls] [--server "extra serve flags"] -- <bench flags>
 # Example: scripts/bench-run.sh -- --pairs 10 --window 32 --duration 10s
+# DERPD_BIN picks the relay binary, BENCH_BIN the load generator (both
+# default to target/release/derpd): see scripts/perf-compare.py.
 #          scripts/bench-run.sh --tls -- --pairs 10 --rate 1000 --idle 10000 --source-addrs 2 --storm
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +20,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-bin=target/release/derpd
+bin=${DERPD_BIN:-target/release/derpd}
 [ -x "$bin" ] || cargo build --release --quiet
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 if [ "$tls" = 1 ]; then
@@ -40,4 +42,4 @@ for _ in $(seq 100); do
   sleep 0.05
 done
 kill -0 "$pid"
-"$bin" bench "$url" --server-pid "$pid" "${extra[@]}" "$@"
+"${BENCH_BIN:-$bin}" bench "$url" --server-pid "$pid" "${extra[@]}" "$@"

@@ -614,7 +614,9 @@ async fn tls_connect(
 fn tls_client_config(insecure: bool) -> rustls::ClientConfig {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if insecure {
-        return rustls::ClientConfig::builder()
+        return rustls::ClientConfig::builder_with_provider(crate::trust::provider())
+            .with_safe_default_protocol_versions()
+            .expect("the default provider supports the default versions")
             .dangerous()
             .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify))
             .with_no_client_auth();

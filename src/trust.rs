@@ -91,10 +91,25 @@ pub fn roots(extra_ca_file: Option<&Path>) -> Result<RootCertStore, TrustError> 
 
 /// The crypto provider every TLS config uses (aws-lc-rs unless the process
 /// installed another).
+/// The crypto provider of our outgoing connections. Cipher suites are
+/// offered as Go's clients (tailscaled) offer them on AES-capable machines:
+/// AES-128-GCM first. Its SHA-256 key schedule is several times cheaper
+/// than AES-256's SHA-384 on x86 (SHA extensions), for both ends.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    rustls::crypto::CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+    let mut p = rustls::crypto::CryptoProvider::get_default()
+        .map(|p| (**p).clone())
+        .unwrap_or_else(rustls::crypto::aws_lc_rs::default_provider);
+    p.cipher_suites.sort_by_key(|s| {
+        use rustls::CipherSuite::*;
+        match s.suite() {
+            TLS13_AES_128_GCM_SHA256 | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 0,
+            TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+            TLS13_AES_256_GCM_SHA384 | TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => 1,
+            TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+            _ => 2,
+        }
+    });
+    Arc::new(p)
 }
 
 /// A client config trusting [`roots`]`(extra_ca_file)`.
