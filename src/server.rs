@@ -125,8 +125,12 @@ impl Server {
             None => None,
         };
 
-        let listener = crate::http::listener::bind(config.addr, config.limits.listen_backlog)
-            .map_err(bind("derp", config.addr))?;
+        let listener = crate::http::listener::bind(
+            config.addr,
+            config.limits.listen_backlog,
+            &config.limits.tcp,
+        )
+        .map_err(bind("derp", config.addr))?;
         let addr = listener.local_addr().map_err(bind("derp", config.addr))?;
         let front = Front::new(
             relay.clone(),
@@ -149,8 +153,9 @@ impl Server {
 
         let mut http_addr = None;
         if let (Some(a), Some(tls)) = (config.http_addr, &tls) {
-            let l = crate::http::listener::bind(a, config.limits.listen_backlog)
-                .map_err(bind("http", a))?;
+            let l =
+                crate::http::listener::bind(a, config.limits.listen_backlog, &config.limits.tcp)
+                    .map_err(bind("http", a))?;
             http_addr = Some(l.local_addr().map_err(bind("http", a))?);
             tasks.spawn(serve_port80(l, tls.clone(), stop_accepting.clone()));
         }

@@ -70,6 +70,12 @@ async fn accepted_connections_carry_derpers_defaults() {
     );
     // The client's own socket is untouched: the values are the relay's.
     assert_eq!(options_of(client_addr, server.addr), (None, None));
+    // The relay sets these on its listener; accepted sockets inherit them,
+    // Nagle off included.
+    let fd = fd_of_inode(row(server.addr, client_addr).inode);
+    // SAFETY: as in `options_of`.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    assert!(SockRef::from(&fd).tcp_nodelay().unwrap(), "TCP_NODELAY");
     server.shutdown().await;
 }
 

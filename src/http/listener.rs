@@ -141,12 +141,23 @@ impl ConnLimiter {
 pub const DEFAULT_BACKLOG: u32 = 4096;
 
 /// Binds a TCP listener with `SO_REUSEADDR` and the given backlog.
-pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+///
+/// Accepted sockets inherit TCP_NODELAY and `tcp`'s keepalive and user
+/// timeout from the listener (Linux clones the listening socket), so they
+/// are set here, before `listen`, and not with four system calls per
+/// connection.
+pub fn bind(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+    tcp: &crate::sockopt::TcpTimeouts,
+) -> std::io::Result<TcpListener> {
     let socket = match addr {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    tcp.apply(&socket)?;
     socket.bind(addr)?;
     socket.listen(backlog)
 }
@@ -228,10 +239,6 @@ pub async fn accept_loop(
             }
         };
         metrics.connections_accepted.inc();
-        let _ = stream.set_nodelay(true);
-        if let Err(e) = limiter.tcp.apply(&stream) {
-            tracing::debug!(%remote, error = %e, "setting TCP keepalive/user timeout");
-        }
         let front = front.clone();
         let tls = tls.clone();
         // One task per connection, of the exact future its transport needs
@@ -292,7 +299,12 @@ mod tests {
 
     #[tokio::test]
     async fn listeners_get_the_backlog_asked_for() {
-        let l = bind("127.0.0.1:0".parse().unwrap(), 77).unwrap();
+        let l = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            77,
+            &crate::sockopt::TcpTimeouts::default(),
+        )
+        .unwrap();
         // `ss` shows a listening socket's backlog as its Send-Q.
         let port = l.local_addr().unwrap().port();
         let out = std::process::Command::new("ss")
