@@ -252,5 +252,14 @@ def derp_maps():
     put("tunnel_derp_map", "companion", b"\x00" + MAP_JSON.encode())
 
 
-for f in (frames, client_info, http, websocket, stun, headscale, verify, rate, config, derp_maps):
+def tls_records():
+    # First byte: bit 0 picks TLS 1.2, bit 1 ChaCha20-Poly1305.
+    put("tls_record", "tls13_header", b"\x00" + bytes([23, 3, 3, 0, 32]) + bytes(32))
+    put("tls_record", "tls12_alert", b"\x01" + bytes([21, 3, 3, 0, 26]) + bytes(26))
+    put("tls_record", "key_update", b"\x02" + bytes([24, 0, 0, 1, 1]))
+    put("tls_record", "two_records", b"\x00" + (bytes([23, 3, 3, 0, 17]) + bytes(17)) * 2)
+
+
+for f in (frames, client_info, http, websocket, stun, headscale, verify, rate, config, derp_maps,
+          tls_records):
     f()
