@@ -323,8 +323,10 @@ impl Tx {
 /// A server-side TLS connection past its handshake.
 pub struct TlsStream {
     tcp: TcpStream,
-    rx: Rx,
-    tx: Tx,
+    // Boxed: the record keys are large, and a connection's task would
+    // otherwise carry them inline in more than one of its states.
+    rx: Box<Rx>,
+    tx: Box<Tx>,
     keys: Arc<KeyShare>,
 }
 
@@ -362,20 +364,20 @@ impl TlsStream {
         buf.extend_from_slice(&h.leftover);
         Ok(TlsStream {
             tcp: h.tcp,
-            rx: Rx {
+            rx: Box::new(Rx {
                 key: rx_key,
                 buf,
                 plain,
                 opened,
                 closed: false,
                 empty_run: 0,
-            },
-            tx: Tx {
+            }),
+            tx: Box::new(Tx {
                 key: tx_key,
                 out: Vec::new(),
                 written: 0,
                 sent_close: false,
-            },
+            }),
             keys: Arc::new(KeyShare {
                 kernel: Mutex::new(h.kernel),
                 update_tx: AtomicBool::new(false),
@@ -455,7 +457,7 @@ impl AsyncWrite for TlsStream {
 /// The read half of a [`TlsStream`].
 pub struct TlsReader {
     tcp: OwnedReadHalf,
-    rx: Rx,
+    rx: Box<Rx>,
     keys: Arc<KeyShare>,
 }
 
@@ -498,7 +500,7 @@ impl AsyncRead for TlsReader {
 /// The write half of a [`TlsStream`].
 pub struct TlsWriter {
     tcp: OwnedWriteHalf,
-    tx: Tx,
+    tx: Box<Tx>,
     keys: Arc<KeyShare>,
 }
 
