@@ -144,7 +144,7 @@ pub const DEFAULT_BACKLOG: u32 = 4096;
 ///
 /// Accepted sockets inherit TCP_NODELAY and `tcp`'s keepalive and user
 /// timeout from the listener (Linux clones the listening socket), so they
-/// are set here, before `listen`, and not with four system calls per
+/// are set here, before `listen`, and not with five system calls per
 /// connection.
 pub fn bind(
     addr: std::net::SocketAddr,
