@@ -415,39 +415,21 @@ pub async fn dial_via(
     insecure: bool,
     info: ClientInfo,
 ) -> Result<DynClient, ClientError> {
-    let Some(rest) = url.strip_prefix("https://") else {
-        let addr = host_port(url)?;
-        let stream = match connect_to {
-            Some(a) => TcpStream::connect(a).await?,
-            None => TcpStream::connect(&addr).await?,
-        };
-        stream.set_nodelay(true)?;
-        let boxed: Box<dyn Stream> = Box::new(stream);
-        return Client::upgrade_and_handshake(boxed, &addr, key, info).await;
-    };
-    let hp = rest.split('/').next().unwrap_or("");
-    let addr = if hp.contains(':') {
-        hp.to_owned()
-    } else {
-        format!("{hp}:443")
-    };
-    let host = addr.rsplit_once(':').map_or(&addr[..], |(h, _)| h);
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let config = tls_client_config(insecure);
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from(host)
-        .map_err(|_| ClientError::BadUrl(url.to_owned()))?;
+    let target = Target::parse(url)?;
     let tcp = match connect_to {
         Some(a) => TcpStream::connect(a).await?,
-        None => TcpStream::connect(&addr).await?,
+        None => TcpStream::connect(&target.addr).await?,
     };
     tcp.set_nodelay(true)?;
-    let tls = connector.connect(name, tcp).await?;
-    let boxed: Box<dyn Stream> = Box::new(tls);
-    Client::upgrade_and_handshake(boxed, &addr, key, info).await
+    let boxed: Box<dyn Stream> = match target.tls_name {
+        None => Box::new(tcp),
+        Some(name) => {
+            let config = tls_client_config(insecure);
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            Box::new(connector.connect(name, tcp).await?)
+        }
+    };
+    Client::upgrade_and_handshake(boxed, &target.addr, key, info).await
 }
 
 /// [`dial`], with the local end of the TCP connection bound to `source`

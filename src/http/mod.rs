@@ -131,10 +131,10 @@ impl Transport for crate::tls::stream::TlsStream {
     type Reader = crate::tls::stream::TlsReader;
     type Writer = crate::tls::stream::TlsWriter;
     fn split_rw(self) -> (Self::Reader, Self::Writer) {
-        self.into_split()
+        self.into_inner()
     }
     fn tcp_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(std::os::fd::AsRawFd::as_raw_fd(self.get_ref()))
+        Some(std::os::fd::AsRawFd::as_raw_fd(self.reader().tcp()))
     }
 }
 

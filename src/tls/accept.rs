@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::record::Version;
-use super::stream::{Handover, TlsStream};
+use super::stream::{from_handover, Handover, TlsStream};
 
 /// First read buffer of a handshake (a ClientHello fits, usually).
 const FIRST_READ: usize = 4 << 10;
@@ -123,7 +123,7 @@ impl Acceptor {
         }
         let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(invalid)?;
         let version = Version::from_rustls(kernel.protocol_version()).map_err(invalid)?;
-        TlsStream::new(Handover {
+        from_handover(Handover {
             tcp,
             secrets,
             kernel,
@@ -267,7 +267,7 @@ mod tests {
             let label = format!("{:?}", suite.suite());
             let first = b"GET /derp HTTP/1.1\r\n\r\n";
             let (server, mut client) = connected(version, suite, first).await;
-            let (mut r, mut w) = server.into_split();
+            let (mut r, mut w) = server.into_inner();
             assert_eq!(
                 read_exact_timed(&mut r, first.len()).await,
                 first,
@@ -309,7 +309,7 @@ mod tests {
     async fn client_key_updates_are_followed_and_answered() {
         let (server, mut client) =
             connected(&rustls::version::TLS13, cs::TLS13_AES_128_GCM_SHA256, b"x").await;
-        let (mut r, mut w) = server.into_split();
+        let (mut r, mut w) = server.into_inner();
         assert_eq!(read_exact_timed(&mut r, 1).await, b"x");
         w.write_all(&pattern(3, 50_000)).await.unwrap();
         w.flush().await.unwrap();
@@ -343,7 +343,7 @@ mod tests {
     async fn a_quiet_connection_holds_no_buffers_and_wakes_up_intact() {
         let (server, mut client) =
             connected(&rustls::version::TLS13, cs::TLS13_AES_256_GCM_SHA384, b"hi").await;
-        let (mut r, mut w) = server.into_split();
+        let (mut r, mut w) = server.into_inner();
         for round in 0..3u8 {
             let n = 30_000 + round as usize;
             client.write_all(&pattern(round, n)).await.unwrap();
@@ -379,7 +379,7 @@ mod tests {
     async fn half_a_record_is_reported_as_partial_and_garbage_is_an_error() {
         let (server, client) =
             connected(&rustls::version::TLS13, cs::TLS13_AES_128_GCM_SHA256, b"").await;
-        let (mut r, _w) = server.into_split();
+        let (mut r, _w) = server.into_inner();
         let (mut tcp, _conn) = client.into_inner();
         // The start of a record whose rest never comes.
         tcp.write_all(&[23, 3, 3, 0x10, 0]).await.unwrap();

@@ -287,50 +287,41 @@ impl RecordKey {
             nonce[4..].copy_from_slice(&buf[HEADER_LEN..HEADER_LEN + 8]);
         }
         let body = HEADER_LEN + explicit;
-        let opened = match self.version {
+        let mut aad = [0u8; 13];
+        let aad: &[u8] = match self.version {
             Version::Tls13 => {
-                let aad = tls13_aad((record_len - HEADER_LEN) as u16);
-                let plain = self
-                    .key
-                    .open_in_place(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(&aad[..]),
-                        &mut buf[body..record_len],
-                    )
-                    .map_err(|_| RecordError::BadMac)?;
-                // Inner plaintext: content, content type, zero padding.
-                let Some(type_at) = plain.iter().rposition(|&b| b != 0) else {
-                    return Err(RecordError::NoContentType);
-                };
-                if type_at > MAX_PLAINTEXT {
-                    return Err(RecordError::TooLong);
-                }
-                Opened {
-                    content_type: plain[type_at],
-                    plaintext: body..body + type_at,
-                    record_len,
-                }
+                aad[..5].copy_from_slice(&tls13_aad((record_len - HEADER_LEN) as u16));
+                &aad[..5]
             }
             Version::Tls12 => {
                 let plain_len = (record_len - body - TAG_LEN) as u16;
-                let aad = tls12_aad(self.seq, outer_type, plain_len);
-                let plain = self
-                    .key
-                    .open_in_place(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(&aad[..]),
-                        &mut buf[body..record_len],
-                    )
-                    .map_err(|_| RecordError::BadMac)?;
-                if plain.len() > MAX_PLAINTEXT {
-                    return Err(RecordError::TooLong);
-                }
-                Opened {
-                    content_type: outer_type,
-                    plaintext: body..body + plain.len(),
-                    record_len,
-                }
+                aad = tls12_aad(self.seq, outer_type, plain_len);
+                &aad
             }
+        };
+        let plain = self
+            .key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf[body..record_len],
+            )
+            .map_err(|_| RecordError::BadMac)?;
+        let (content_type, plain_len) = match self.version {
+            // Inner plaintext: content, content type, zero padding.
+            Version::Tls13 => match plain.iter().rposition(|&b| b != 0) {
+                Some(at) => (plain[at], at),
+                None => return Err(RecordError::NoContentType),
+            },
+            Version::Tls12 => (outer_type, plain.len()),
+        };
+        if plain_len > MAX_PLAINTEXT {
+            return Err(RecordError::TooLong);
+        }
+        let opened = Opened {
+            content_type,
+            plaintext: body..body + plain_len,
+            record_len,
         };
         self.advance()?;
         Ok(Some(opened))

@@ -4,8 +4,8 @@
 //! connection keeps no read or write buffer at all, so an idle TLS client
 //! costs about what an idle plain one does.
 //!
-//! [`TlsStream`] serves the HTTP phase; [`TlsStream::into_split`] gives the
-//! relay independently owned halves. The read half handles the client's
+//! [`TlsStream`] (the halves joined) serves the HTTP phase; its
+//! `into_inner` gives the relay independently owned halves. The read half handles the client's
 //! post-handshake messages: close_notify, and TLS 1.3 KeyUpdate (new keys
 //! come from rustls' [`KernelConnection`]); a KeyUpdate that asks for ours
 //! is answered by the write half before its next record. The write half
@@ -320,23 +320,10 @@ impl Tx {
     }
 }
 
-/// A server-side TLS connection past its handshake.
-pub struct TlsStream {
-    tcp: TcpStream,
-    // Boxed: the record keys are large, and a connection's task would
-    // otherwise carry them inline in more than one of its states.
-    rx: Box<Rx>,
-    tx: Box<Tx>,
-    keys: Arc<KeyShare>,
-}
-
-impl std::fmt::Debug for TlsStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream")
-            .field("version", &self.rx.key.version())
-            .finish_non_exhaustive()
-    }
-}
+/// A server-side TLS connection past its handshake: its two halves joined
+/// (the HTTP phase reads and writes it as one stream; `into_inner` gives the
+/// relay the halves).
+pub type TlsStream = tokio::io::Join<TlsReader, TlsWriter>;
 
 /// What the handshake leaves behind for the stream.
 pub(super) struct Handover {
@@ -350,108 +337,49 @@ pub(super) struct Handover {
     pub leftover: BytesMut,
 }
 
-impl TlsStream {
-    pub(super) fn new(h: Handover) -> Result<TlsStream, RecordError> {
-        let (tx_seq, tx_secrets) = h.secrets.tx;
-        let (rx_seq, rx_secrets) = h.secrets.rx;
-        let tx_key = RecordKey::new(h.version, tx_seq, tx_secrets)?;
-        let rx_key = RecordKey::new(h.version, rx_seq, rx_secrets)?;
-        // Plaintext that came with the handshake is served first, as if it
-        // were an opened record at the front of the buffer.
-        let mut buf = h.early_plaintext;
-        let plain = 0..buf.len();
-        let opened = buf.len();
-        buf.extend_from_slice(&h.leftover);
-        Ok(TlsStream {
-            tcp: h.tcp,
-            rx: Box::new(Rx {
-                key: rx_key,
-                buf,
-                plain,
-                opened,
-                closed: false,
-                empty_run: 0,
-            }),
-            tx: Box::new(Tx {
-                key: tx_key,
-                out: Vec::new(),
-                written: 0,
-                sent_close: false,
-            }),
-            keys: Arc::new(KeyShare {
-                kernel: Mutex::new(h.kernel),
-                update_tx: AtomicBool::new(false),
-            }),
-        })
-    }
-
-    /// The TCP socket.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
-    }
-
-    /// Independently owned read and write halves.
-    pub fn into_split(self) -> (TlsReader, TlsWriter) {
-        let (r, w) = self.tcp.into_split();
-        (
-            TlsReader {
-                tcp: r,
-                rx: self.rx,
-                keys: self.keys.clone(),
-            },
-            TlsWriter {
-                tcp: w,
-                tx: self.tx,
-                keys: self.keys,
-            },
-        )
-    }
-}
-
-impl AsyncRead for TlsStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.rx.poll_read(&mut this.tcp, &this.keys, cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.tx
-            .poll_write(&mut this.tcp, &this.keys, cx, &[IoSlice::new(buf)])
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.tx.poll_write(&mut this.tcp, &this.keys, cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.tx.poll_drain(&mut this.tcp, cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.tx.poll_shutdown(&mut this.tcp, cx)
-    }
+/// The stream the handshake hands over: record keys from rustls' secrets,
+/// the plaintext that came with the handshake served first.
+pub(super) fn from_handover(h: Handover) -> Result<TlsStream, RecordError> {
+    let (tx_seq, tx_secrets) = h.secrets.tx;
+    let (rx_seq, rx_secrets) = h.secrets.rx;
+    let tx_key = RecordKey::new(h.version, tx_seq, tx_secrets)?;
+    let rx_key = RecordKey::new(h.version, rx_seq, rx_secrets)?;
+    // Plaintext that came with the handshake is served first, as if it
+    // were an opened record at the front of the buffer.
+    let mut buf = h.early_plaintext;
+    let plain = 0..buf.len();
+    let opened = buf.len();
+    buf.extend_from_slice(&h.leftover);
+    let keys = Arc::new(KeyShare {
+        kernel: Mutex::new(h.kernel),
+        update_tx: AtomicBool::new(false),
+    });
+    let (r, w) = h.tcp.into_split();
+    // The record state is boxed: the keys are large, and a connection's
+    // task would otherwise carry them inline in more than one of its states.
+    let reader = TlsReader {
+        tcp: r,
+        rx: Box::new(Rx {
+            key: rx_key,
+            buf,
+            plain,
+            opened,
+            closed: false,
+            empty_run: 0,
+        }),
+        keys: keys.clone(),
+    };
+    let writer = TlsWriter {
+        tcp: w,
+        tx: Box::new(Tx {
+            key: tx_key,
+            out: Vec::new(),
+            written: 0,
+            sent_close: false,
+        }),
+        keys,
+    };
+    Ok(tokio::io::join(reader, writer))
 }
 
 /// The read half of a [`TlsStream`].
@@ -472,6 +400,11 @@ impl TlsReader {
         self.rx.release_if_empty();
         let tcp: &TcpStream = self.tcp.as_ref();
         std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await
+    }
+
+    /// The TCP socket.
+    pub fn tcp(&self) -> &TcpStream {
+        self.tcp.as_ref()
     }
 
     /// Part of a record has arrived and the rest has not.
