@@ -16,7 +16,7 @@
 pub mod accept;
 pub mod acme;
 pub mod manual;
-pub mod record;
+pub mod session;
 mod settings;
 pub mod stream;
 
