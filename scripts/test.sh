@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # test CA of tests/acme.rs; scripts/deploy-test.sh tests deploy/ with Docker
 # (docker.io), promtool and Prometheus (prometheus), kubectl (kubernetes-client,
 # unless a kubectl is installed already), systemd-analyze (systemd) and ss
-# (iproute2).
+# (iproute2). openssl: stock s_client for tests/tls_records.rs.
 apt_packages=()
 command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 ||
     apt_packages+=(pebble)
@@ -21,7 +21,7 @@ command -v systemd-analyze >/dev/null 2>&1 || apt_packages+=(systemd)
 # tests/tunnel_netns.rs, which runs real WireGuard (wireguard-go +
 # wireguard-tools) over `derpd tunnel` with ping, iperf3 and python3.
 for pair in ss:iproute2 ip:iproute2 wireguard-go:wireguard-go wg:wireguard-tools \
-    iperf3:iperf3 ping:iputils-ping python3:python3; do
+    iperf3:iperf3 ping:iputils-ping python3:python3 openssl:openssl; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || apt_packages+=("${pair#*:}")
 done
 if [ ${#apt_packages[@]} -gt 0 ]; then

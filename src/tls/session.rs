@@ -361,10 +361,18 @@ impl Session {
     fn fail(&mut self, f: TlsFailure) -> TlsFailure {
         self.failed = Some(f.clone());
         self.plain = BytesMut::new();
-        // rustls queued its alert (if it chose one) as records to encode;
-        // the status calls below hand them out. Input is no longer fed.
+        // rustls queued its alert (if it chose one) as a record to encode,
+        // possibly behind a KeyUpdate it owed. While records are queued,
+        // `process_tls_records` hands them out before looking at input;
+        // past that it would parse input again, which after a failure it
+        // must not (it could report the same error twice), so the loop
+        // stops there and input is never fed again.
         for _ in 0..8 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            if !self.conn.wants_write() {
+                break;
+            }
+            let UnbufferedStatus { state, .. } =
+                self.conn.process_tls_records(&mut self.incoming[..]);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
                     let at = self.out.len();
@@ -376,11 +384,11 @@ impl Session {
                         }
                     }
                 }
-                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
                 Ok(ConnectionState::ReadTraffic(mut r)) => while r.next_record().is_some() {},
                 _ => break,
             }
         }
+        self.incoming = BytesMut::new();
         f
     }
 }

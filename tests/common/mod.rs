@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod proc_net;
+pub mod tls_raw;
 
 use std::time::Duration;
 
