@@ -252,14 +252,20 @@ def derp_maps():
     put("tunnel_derp_map", "companion", b"\x00" + MAP_JSON.encode())
 
 
-def tls_records():
-    # First byte: bit 0 picks TLS 1.2, bit 1 ChaCha20-Poly1305.
-    put("tls_record", "tls13_header", b"\x00" + bytes([23, 3, 3, 0, 32]) + bytes(32))
-    put("tls_record", "tls12_alert", b"\x01" + bytes([21, 3, 3, 0, 26]) + bytes(26))
-    put("tls_record", "key_update", b"\x02" + bytes([24, 0, 0, 1, 1]))
-    put("tls_record", "two_records", b"\x00" + (bytes([23, 3, 3, 0, 17]) + bytes(17)) * 2)
+def tls_session():
+    # First byte: the cipher suite (mod 3). Then operations (first byte mod 6):
+    # 0 data (len/70, padding), 1 any content type (type, len le16,
+    # padding/16), 2 KeyUpdate (requested bit), 3 forged record, 4 raw bytes
+    # (len), 5 a server write.
+    put("tls_session", "data", b"\x00" + b"\x00\x01\x00" + b"G" * 70)
+    put("tls_session", "padded", b"\x01" + b"\x00\x01\x10" + b"E" * 70 + b"\x05" + b"hi")
+    put("tls_session", "key_updates", b"\x02" + b"\x02\x01" + b"\x02\x00" + b"\x00\x01\x00" + b"T" * 70)
+    put("tls_session", "handshake_type", b"\x00" + b"\x01\x16\x05\x00\x00" + bytes([24, 0, 0, 1, 0]))
+    put("tls_session", "alert", b"\x00" + b"\x01\x15\x02\x00\x00" + bytes([1, 0]))
+    put("tls_session", "forged", b"\x00" + b"\x03" + b"F" * 32 + b"\x07\x03")
+    put("tls_session", "raw", b"\x00" + b"\x04\x05" + bytes([23, 3, 3, 0xff, 0xff]))
 
 
 for f in (frames, client_info, http, websocket, stun, headscale, verify, rate, config, derp_maps,
-          tls_records):
+          tls_session):
     f()

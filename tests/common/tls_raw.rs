@@ -372,3 +372,67 @@ pub fn alerts(seen: &[Received]) -> Vec<(u8, u8)> {
         })
         .collect()
 }
+
+/// A server [`Session`](derpd::tls::session::Session) as a client's
+/// transport, in memory: what the client writes is fed to the session,
+/// what the session queues is what the client reads.
+pub struct InMemory<'a>(pub &'a mut derpd::tls::session::Session);
+
+impl Write for InMemory<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.incoming_mut().extend_from_slice(buf);
+        self.0.process().map_err(invalid)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for InMemory<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let queued = self.0.pending_out();
+        let n = queued.len().min(out.len());
+        out[..n].copy_from_slice(&queued[..n]);
+        self.0.advance_out(n);
+        Ok(n)
+    }
+}
+
+/// A server configuration with a self-signed certificate for `host`
+/// (early data off, as the relay's), and the roots that trust it.
+pub fn self_signed_server(host: &str) -> (Arc<rustls::ServerConfig>, rustls::RootCertStore) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert_pem, key_pem) = derpd::tls::self_signed_pem(host).unwrap();
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    server.max_early_data_size = 0;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    (Arc::new(server), roots)
+}
+
+/// A fresh server session with a finished handshake against a client of
+/// `config`: the session (its tickets already taken out) and the client's
+/// secrets.
+pub fn in_memory_pair(
+    server: &Arc<rustls::ServerConfig>,
+    client: Arc<ClientConfig>,
+    host: &str,
+) -> (derpd::tls::session::Session, Handshaken) {
+    let mut session = derpd::tls::session::Session::new(server.clone()).unwrap();
+    let h =
+        client_handshake(&mut InMemory(&mut session), client, host).expect("in-memory handshake");
+    let n = session.pending_out().len();
+    session.advance_out(n);
+    (session, h)
+}
