@@ -7,7 +7,7 @@ medians side by side as Markdown.
     scripts/perf-compare.py BEFORE_BIN AFTER_BIN [--runs 3] [--bench BIN] [SCENARIO ...]
 
 Scenarios: idle_plain idle_tls idle_many_plain idle_many_tls light light_tls
-many storm (default: all). "many" is the most idle TLS clients one process's
+window_tls many storm (default: all). "many" is the most idle TLS clients one process's
 FD limit allows (19,000 under a hard limit of 20,000) with 10 pairs x 1,000
 packets/s; "storm" drops them all at once and redials them.
 """
@@ -36,6 +36,7 @@ SCENARIOS = {
     "idle_many_tls": (["--tls"], IDLE + ["--idle", str(MANY)]),
     "light": ([], ["--pairs", "10", "--rate", "1000", "--duration", "10s"]),
     "light_tls": (["--tls"], ["--pairs", "10", "--rate", "1000", "--duration", "10s"]),
+    "window_tls": (["--tls"], ["--pairs", "10", "--window", "32", "--duration", "10s"]),
     "many": (["--tls"], ["--pairs", "10", "--rate", "1000", "--duration", "10s",
                          "--idle", str(MANY), "--source-addrs", SOURCES]),
     "storm": (["--tls"], ["--pairs", "10", "--rate", "1000", "--duration", "10s",
@@ -48,6 +49,7 @@ FIELDS = {
              ("server CPU µs per handshake", "server_cpu_us_per_handshake", "{:.0f}"),
              ("handshakes/s", "handshakes_per_sec", "{:,.0f}")],
     "light": [("server CPU µs/packet", "server_cpu_us_per_packet", "{:.1f}"),
+              ("packets/s", "packets_per_sec", "{:,.0f}"),
               ("p99 µs", "latency_us.p99", "{:.0f}"),
               ("loss", "lost", "{:.0f}")],
     "storm": [("all back, s", "storm_all_back_secs", "{:.1f}"),
