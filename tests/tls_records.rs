@@ -21,6 +21,7 @@ use common::*;
 use derpd::config::{CertMode, TlsSettings};
 use derpd::proto::handshake::seal_client_info;
 use derpd::proto::{ClientInfo, Frame, FrameDecoder, NodePrivate, Role};
+use derpd::relay::RelayConfig;
 use derpd::server::{Server, ServerConfig};
 use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
 use rustls::pki_types::ServerName;
@@ -32,11 +33,16 @@ const REQUEST: &[u8] =
 
 /// A relay serving a manual certificate for `HOST` issued by `ca`.
 async fn tls_server(ca: &TestCa) -> (Server, tempfile::TempDir) {
+    tls_server_with(ca, RelayConfig::default()).await
+}
+
+async fn tls_server_with(ca: &TestCa, relay: RelayConfig) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let leaf = ca.leaf(&[HOST]);
     std::fs::write(dir.path().join(format!("{HOST}.crt")), &leaf.crt_pem).unwrap();
     std::fs::write(dir.path().join(format!("{HOST}.key")), &leaf.key_pem).unwrap();
     let mut config = ServerConfig::loopback_ephemeral();
+    config.relay = relay;
     config.hostname = HOST.into();
     config.tls = Some(TlsSettings {
         mode: CertMode::Manual,
@@ -403,5 +409,42 @@ async fn a_forged_record_during_derp_gets_bad_record_mac_and_no_close_notify() {
     })
     .await;
     assert_fatal_alert_then_close(&seen, tls_raw::BAD_RECORD_MAC);
+    server.shutdown().await;
+}
+
+/// Kept from the old layer: part of a record counts as a frame in progress,
+/// so a client that stops mid-record is closed by `--frame-timeout`; a
+/// quiet client is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_record_counts_for_the_frame_timeout() {
+    let ca = TestCa::new();
+    let relay = RelayConfig {
+        frame_timeout: Some(Duration::from_millis(500)),
+        ..RelayConfig::default()
+    };
+    let (server, _dir) = tls_server_with(&ca, relay).await;
+    let mut quiet = raw_client(&server, &ca).await;
+    let mut stalled = raw_client(&server, &ca).await;
+    let before = metric(&server, "derp_frame_timeouts_total");
+    let (seen, pong) = blocking(move || {
+        derp_handshake(&mut quiet);
+        derp_handshake(&mut stalled);
+        let record = stalled.seal(
+            tls_raw::APPLICATION_DATA,
+            &[0x12, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8],
+            0,
+        );
+        stalled.send(&record[..9]).unwrap();
+        let seen = stalled.recv_until_closed();
+        // The quiet client, connected all along: a ping gets its pong.
+        quiet
+            .send_data(&[0x12, 0, 0, 0, 8, 9, 9, 9, 9, 9, 9, 9, 9])
+            .unwrap();
+        (seen, quiet.recv_data(13))
+    })
+    .await;
+    assert_eq!(seen.last(), Some(&Received::Closed), "{seen:?}");
+    assert_eq!(metric(&server, "derp_frame_timeouts_total"), before + 1.0);
+    assert_eq!(pong, [0x13, 0, 0, 0, 8, 9, 9, 9, 9, 9, 9, 9, 9]);
     server.shutdown().await;
 }

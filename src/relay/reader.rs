@@ -258,6 +258,15 @@ impl Reader {
                     r.read_chunk()
                 });
             }
+            // What woke the reader may be the start of a transport unit (a
+            // TLS record) whose rest is late: that is a frame in progress.
+            if frame_deadline.is_none() && r.has_partial() {
+                frame_deadline = self
+                    .shared
+                    .config
+                    .frame_timeout
+                    .map(|t| tokio::time::Instant::now() + t);
+            }
             arm(&mut timer, frame_deadline, idle);
             let n = tokio::select! {
                 r = r.read_buf(&mut buf) => r,

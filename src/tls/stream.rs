@@ -74,26 +74,45 @@ pub struct TlsReader {
 }
 
 impl TlsReader {
-    /// Resolves when a read would make progress. Before waiting on the
-    /// socket it drops the session's empty buffers, so a quiet connection
-    /// holds none.
+    /// Resolves when a read would make progress, or when part of a record
+    /// has arrived (so the caller can start its frame deadline). Ciphertext
+    /// is read into the session here; before waiting on the socket the
+    /// session's empty buffers are dropped, so a quiet connection holds
+    /// none.
     pub async fn readable(&mut self) -> io::Result<()> {
-        {
-            let mut s = self.session.lock();
-            if !s.plaintext().is_empty() || s.peer_closed() || s.failure().is_some() {
-                return Ok(());
-            }
-            // An error is for the read to report.
-            if process(self.tcp.as_ref(), &mut s).is_err()
-                || !s.plaintext().is_empty()
-                || s.peer_closed()
+        loop {
             {
+                let mut s = self.session.lock();
+                if !s.plaintext().is_empty() || s.peer_closed() || s.failure().is_some() {
+                    return Ok(());
+                }
+                // An error is for the read to report.
+                if process(self.tcp.as_ref(), &mut s).is_err()
+                    || !s.plaintext().is_empty()
+                    || s.peer_closed()
+                    || s.has_partial_input()
+                {
+                    return Ok(());
+                }
+                s.release_idle_buffers();
+            }
+            let tcp: &TcpStream = self.tcp.as_ref();
+            std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
+            let (tcp, session) = (&mut self.tcp, &self.session);
+            let n = std::future::poll_fn(|cx| {
+                let mut s = session.lock();
+                let incoming = s.incoming_mut();
+                if incoming.capacity() - incoming.len() < 1024 {
+                    incoming.reserve(WAKE_CHUNK);
+                }
+                tokio_util::io::poll_read_buf(Pin::new(&mut *tcp), cx, incoming)
+            })
+            .await?;
+            if n == 0 {
+                // EOF: the read reports it.
                 return Ok(());
             }
-            s.release_idle_buffers();
         }
-        let tcp: &TcpStream = self.tcp.as_ref();
-        std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await
     }
 
     /// The TCP socket.
