@@ -163,6 +163,12 @@ check_ansible() {
         tests/missing-tag.yaml -i localhost, || return 1
 }
 
+# --- README's "Surviving a headscale outage" ---------------------------------------
+
+check_outage() {
+    $check outage-recipe "$derpd"
+}
+
 # --- Prometheus ----------------------------------------------------------------
 
 check_rules() {
@@ -248,6 +254,7 @@ cargo build --locked -q --bin derpd || exit 1
 
 run "kubernetes: kustomize renders (old and new kustomize), strict schema validation" check_kubernetes
 run "ansible: syntax-check, ansible-lint production, renders validated and diffed against the base, asserts" check_ansible
+run "outage recipe: README's derpd settings outlive headscale and a restart, refuse a stranger, show in metrics" check_outage
 run "prometheus: promtool check rules, promtool test rules" check_rules
 run "systemd: systemd-analyze verify, not root" check_systemd
 run "live: real Prometheus scrapes running relays, rules evaluate, every metric exists" check_live

@@ -13,6 +13,10 @@ message saying what is wrong.
                            the Ansible role's render FILE is the Kustomize
                            render BASE changed only as the role's variables
                            (JSON file EXPECT) ask, and derpd runs with it
+  outage-recipe DERPD      README's "Surviving a headscale outage": its derpd
+                           settings outlive a headscale outage and a restart,
+                           refuse a stranger and report the outage; its
+                           policy grants cache-network-maps
   free-port                print a free loopback port (TCP and UDP)
   wait-healthy URL         wait until URL answers 200
 """
@@ -661,13 +665,125 @@ def role_render_runs(got, want, derpd):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --- README's outage recipe ----------------------------------------------
+
+def readme_block(marker):
+    """The fenced block after `<!-- outage-recipe: MARKER -->` in README.md,
+    without its indentation."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    m = re.search(r"<!-- outage-recipe: " + re.escape(marker) + r" -->\s*\n( *)```\w*\n(.*?)\n *```",
+                  text, re.S)
+    if not m:
+        fail(f"README.md: no block marked outage-recipe: {marker}")
+    indent = len(m.group(1))
+    return "\n".join(l[indent:] for l in m.group(2).splitlines())
+
+
+def outage_recipe(derpd):
+    derpd = os.path.abspath(derpd)
+    policy = json.loads(readme_block("policy.json"))
+    if {"target": ["*"], "attr": ["cache-network-maps"]} not in policy.get("nodeAttrs", []):
+        fail(f"the recipe's policy does not grant cache-network-maps: {policy}")
+    print("policy: nodeAttrs grants cache-network-maps to every node")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        recipe = f.read().split("## Surviving a headscale outage", 1)[1].split("\n## ", 1)[0]
+    defined = {r["alert"] for r in alerts()}
+    named = set(re.findall(r"`(Derpd[A-Za-z]+)`", recipe))
+    if not named or named - defined:
+        fail(f"alerts named in the recipe but not defined: {sorted(named - defined)}")
+    metrics = set(re.findall(r"`(derpd_[a-z_]+)", recipe))
+
+    tmp = tempfile.mkdtemp(prefix="derpd-outage-")
+    procs = {}
+
+    def start(name, args):
+        log = open(os.path.join(tmp, f"{name}.log"), "a")
+        procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+
+    def stop(name, sig=signal.SIGTERM):
+        p = procs.pop(name)
+        p.send_signal(sig)
+        p.wait(timeout=30)
+
+    try:
+        os.makedirs(os.path.join(tmp, "hs", "api", "v1"))
+        with open(os.path.join(tmp, "hs", "api", "v1", "node"), "w") as f:
+            json.dump({"nodes": [{
+                "id": "1", "name": "n1", "givenName": "n1", "nodeKey": "nodekey:" + "cd" * 32,
+                "user": {"id": "1", "name": "proj-a"}, "tags": [], "expiry": None,
+                "online": True}]}, f)
+        ph = free_port()
+        start("headscale", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                            "--directory", os.path.join(tmp, "hs"), str(ph)])
+        api, mesh = os.path.join(tmp, "api.key"), os.path.join(tmp, "mesh.key")
+        with open(api, "w") as f:
+            f.write("hskey-test.0123456789abcdef\n")
+        with open(mesh, "w") as f:
+            f.write(subprocess.check_output([derpd, "keygen", "--mesh"], text=True))
+        toml = readme_block("derpd.toml")
+        toml = re.sub(r'(?m)^headscale-url = .*$', f'headscale-url = "http://127.0.0.1:{ph}"', toml)
+        toml = toml.replace("/etc/derpd/headscale/api.key", api).replace("/etc/derpd/mesh/mesh.key", mesh)
+        cfg = os.path.join(tmp, "derpd.toml")
+        with open(cfg, "w") as f:
+            f.write(toml)
+        port, stun, met = free_port(), free_port(), free_port()
+        relay = [derpd, "serve", "--config", cfg, "--certmode", "none", "--http-port", "-1",
+                 "--addr", f"127.0.0.1:{port}", "--stun-port", str(stun),
+                 "--metrics-addr", f"127.0.0.1:{met}", "--state-dir", os.path.join(tmp, "state")]
+        ready = f"http://127.0.0.1:{port}/readyz"
+        start("derpd", relay)
+        wait_for("the relay ready with headscale up", lambda: (lambda r: (r[0] == 200, r))(http_get(ready)))
+
+        # headscale goes away; the relay restarts during the outage.
+        stop("headscale", signal.SIGKILL)
+        stop("derpd")
+        t0 = time.monotonic()
+        start("derpd", relay)
+        status, body = wait_for("the restarted relay ready", lambda: (
+            lambda r: (r[0] == 200, r))(http_get(ready)), timeout=10)
+        print(f"restarted during the outage: ready after {time.monotonic() - t0:.1f}s "
+              f"from the stored snapshot")
+        r = subprocess.run([derpd, "probe", f"http://127.0.0.1:{port}"], capture_output=True,
+                           text=True, timeout=30)
+        if r.returncode == 0:
+            fail(f"a stranger was admitted during the outage: {r.stdout}")
+        print("stranger refused:", (r.stderr.strip().splitlines() or ["?"])[-1])
+        body = wait_for("/readyz reporting the failing sync", lambda: (
+            lambda r: ("last sync failing" in (r[1] or ""), r[1]))(http_get(ready)), timeout=30)
+        print("/readyz:", " | ".join(body.strip().splitlines()))
+        scrape = http_get(f"http://127.0.0.1:{met}/metrics")[1]
+        for series in ['derpd_companion_sync_failures_total{reason="unreachable"}',
+                       'derpd_admission_decisions_total{reason="unknown",result="deny"}']:
+            m = re.search(r"^" + re.escape(series) + r" (\S+)$", scrape, re.M)
+            if not m or float(m.group(1)) < 1:
+                fail(f"{series} does not show the outage: {m and m.group(0)}")
+        missing = metrics - scrape_names(scrape)
+        if missing:
+            fail(f"metrics named in the recipe but not exported: {sorted(missing)}")
+        print(f"the outage shows in the metrics; all {len(metrics)} metrics the recipe names are exported")
+    except SystemExit:
+        for name in ("derpd", "headscale"):
+            path = os.path.join(tmp, f"{name}.log")
+            if os.path.exists(path):
+                with open(path) as f:
+                    print(f"--- {name}'s log:\n{f.read()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     if len(sys.argv) < 2:
         fail(__doc__)
     cmd, args = sys.argv[1], sys.argv[2:]
     {"alert-tests": alert_tests, "kustomize-render": kustomize_render,
      "validate-output": validate_output, "live": live, "base-config": base_config,
-     "role-render": role_render,
+     "role-render": role_render, "outage-recipe": outage_recipe,
      "free-port": lambda: print(free_port()),
      "wait-healthy": lambda url: wait_for(
          url, lambda: (lambda r: (r[0] == 200, r))(http_get(url)), timeout=30)}[cmd](*args)
