@@ -2,8 +2,11 @@
 # Tests the deployment files in deploy/ with the real tools that consume
 # them: Docker (the image), kubectl's kustomize + kubernetes-validate (the
 # Kubernetes manifests), promtool and a real Prometheus (alert rules and
-# dashboard queries against running relays), systemd-analyze (the unit).
-# scripts/test.sh installs the tools and runs this; it needs root (Docker).
+# dashboard queries against running relays), systemd-analyze (the unit),
+# ansible-playbook and ansible-lint (the Ansible role in deploy/ansible,
+# installed from PyPI here when missing), and derpd itself (README's outage
+# recipe). scripts/test.sh installs the other tools and runs this; it needs
+# root (Docker).
 #
 # Prints "ok:" or "FAILED:" per check and a closing "N passed, M failed".
 set -uo pipefail
