@@ -113,7 +113,7 @@ ensure_ansible() {
         echo "installing ${ansible_pins[*]} (PyPI)"
         python3 -m pip install --quiet --disable-pip-version-check "${ansible_pins[@]}" || return 1
     fi
-    ansible-playbook --version | head -1
+    ansible-playbook --version | sed -n 1p
 }
 
 # Renders the role with the sample playbook and extra arguments into
