@@ -2,8 +2,11 @@
 # Tests the deployment files in deploy/ with the real tools that consume
 # them: Docker (the image), kubectl's kustomize + kubernetes-validate (the
 # Kubernetes manifests), promtool and a real Prometheus (alert rules and
-# dashboard queries against running relays), systemd-analyze (the unit).
-# scripts/test.sh installs the tools and runs this; it needs root (Docker).
+# dashboard queries against running relays), systemd-analyze (the unit),
+# ansible-playbook and ansible-lint (the Ansible role in deploy/ansible,
+# installed from PyPI here when missing), and derpd itself (README's outage
+# recipe). scripts/test.sh installs the other tools and runs this; it needs
+# root (Docker).
 #
 # Prints "ok:" or "FAILED:" per check and a closing "N passed, M failed".
 set -uo pipefail
@@ -96,6 +99,79 @@ check_kubernetes() {
     $check base-config "$derpd"
 }
 
+# --- Ansible (deploy/ansible: the role for metal-stack control planes) ---------
+
+# ansible (it bundles kubernetes.core) and ansible-lint from PyPI, pinned so
+# that a new lint rule cannot fail an unchanged tree; skipped when installed.
+ansible_pins=(ansible==12.3.0 ansible-lint==26.10.1)
+ensure_ansible() {
+    local have
+    have=$(python3 -m pip list --format=freeze --disable-pip-version-check 2>/dev/null |
+        grep -E '^(ansible|ansible-lint)==' | sort | tr '\n' ' ')
+    if [ "$have" != "$(printf '%s\n' "${ansible_pins[@]}" | sort | tr '\n' ' ')" ] || ! command -v ansible-playbook >/dev/null ||
+        ! command -v ansible-lint >/dev/null; then
+        echo "installing ${ansible_pins[*]} (PyPI)"
+        python3 -m pip install --quiet --disable-pip-version-check "${ansible_pins[@]}" || return 1
+    fi
+    ansible-playbook --version | sed -n 1p
+}
+
+# Renders the role with the sample playbook and extra arguments into
+# target/deploy-test/ansible/NAME (nothing is applied), then: strict schema
+# validation, and the render is the Kustomize base changed only as the
+# variables ask (deploy/ansible/tests/expect/NAME.json), and derpd starts
+# with relay 0's rendered flags and serves the rendered DERP map.
+role_render() { # NAME [ansible-playbook args...]
+    local name=$1 out="$work/ansible/$1"
+    shift
+    echo "-- render: $name"
+    (cd deploy/ansible && ansible-playbook playbook.yaml -e "derpd_render_dir=$out" "$@") \
+        >"$out.log" 2>&1 || { tail -30 "$out.log"; return 1; }
+    python3 -m kubernetes_validate --strict "$out/derpd.yaml" >"$out.validate" 2>&1
+    local rc=$?
+    $check validate-output "$out.validate" || return 1
+    [ $rc -eq 0 ] || { cat "$out.validate"; return 1; }
+    $check role-render "$out/derpd.yaml" "$work/ansible/base.yaml" \
+        "deploy/ansible/tests/expect/$name.json" "$derpd"
+}
+
+# The play must fail with the role's assert naming the missing variable.
+role_refuses() { # NAME MESSAGE PLAYBOOK [args...]
+    local name=$1 msg=$2 out="$work/ansible/$1.log"
+    shift 2
+    echo "-- refused: $name"
+    if (cd deploy/ansible && ansible-playbook "$@") >"$out" 2>&1; then
+        echo "the play succeeded"
+        return 1
+    fi
+    grep -F "$msg" "$out" | sed 's/^.*"msg": /msg: /' || { tail -20 "$out"; return 1; }
+}
+
+check_ansible() {
+    ensure_ansible || return 1
+    rm -rf "$work/ansible" && mkdir -p "$work/ansible"
+    echo "-- ansible-playbook --syntax-check"
+    (cd deploy/ansible && ansible-playbook --syntax-check playbook.yaml) || return 1
+    echo "-- ansible-lint (profile production, deploy/ansible/.ansible-lint)"
+    (cd deploy/ansible && ansible-lint) || return 1
+    kubectl kustomize deploy/kubernetes >"$work/ansible/base.yaml" 2>/dev/null || return 1
+    local psk=(-e @tests/test-psk.yaml)
+    role_render sample "${psk[@]}" || return 1
+    role_render scaled -e @tests/scaled.yaml || return 1
+    role_render two "${psk[@]}" -e derpd_replicas=2 || return 1
+    # The sample's mesh key comes from a vault variable, here not set.
+    role_refuses missing-psk "derpd: the mandatory variable derpd_mesh_psk is not set" \
+        playbook.yaml -e "derpd_render_dir=$work/ansible/missing-psk" || return 1
+    role_refuses missing-tag "derpd: the mandatory variable derpd_image_tag is not set" \
+        tests/missing-tag.yaml -i localhost, || return 1
+}
+
+# --- README's "Surviving a headscale outage" ---------------------------------------
+
+check_outage() {
+    $check outage-recipe "$derpd"
+}
+
 # --- Prometheus ----------------------------------------------------------------
 
 check_rules() {
@@ -180,6 +256,8 @@ echo "== deploy: building derpd"
 cargo build --locked -q --bin derpd || exit 1
 
 run "kubernetes: kustomize renders (old and new kustomize), strict schema validation" check_kubernetes
+run "ansible: syntax-check, ansible-lint production, renders validated and diffed against the base, asserts" check_ansible
+run "outage recipe: README's derpd settings outlive headscale and a restart, refuse a stranger, show in metrics" check_outage
 run "prometheus: promtool check rules, promtool test rules" check_rules
 run "systemd: systemd-analyze verify, not root" check_systemd
 run "live: real Prometheus scrapes running relays, rules evaluate, every metric exists" check_live

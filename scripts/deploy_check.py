@@ -9,6 +9,14 @@ message saying what is wrong.
   live DERPD PROMETHEUS    real derpd relays + real Prometheus with the rules
   base-config DERPD        derpd runs with the Kubernetes base's derpd.toml and
                            derpmap.json, and refuses the placeholder mesh key
+  role-render FILE BASE EXPECT DERPD
+                           the Ansible role's render FILE is the Kustomize
+                           render BASE changed only as the role's variables
+                           (JSON file EXPECT) ask, and derpd runs with it
+  outage-recipe DERPD      README's "Surviving a headscale outage": its derpd
+                           settings outlive a headscale outage and a restart,
+                           refuse a stranger and report the outage; its
+                           policy grants cache-network-maps
   free-port                print a free loopback port (TCP and UDP)
   wait-healthy URL         wait until URL answers 200
 """
@@ -468,12 +476,314 @@ def base_config(derpd):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --- the Ansible role's render -------------------------------------------
+
+HASHED = re.compile(r"\b(derpd-config|derpd-mesh-key|derpd-headscale-api-key)-[a-z0-9]{10}\b")
+
+
+def unhash(obj):
+    """The object with Kustomize's name hashes removed (derpd-config-abc → derpd-config)."""
+    return json.loads(HASHED.sub(r"\1", json.dumps(obj)))
+
+
+def differences(a, b, where=""):
+    """(path, a's value, b's value) wherever two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from differences(a.get(k), b.get(k), f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from differences(x, y, f"{where}[{i}]")
+    elif a != b:
+        yield where or ".", a, b
+
+
+def role_render(path, base_path, expect_path, derpd):
+    """Compares the role's render with the Kustomize base's, object by object:
+    every difference must be one the variables asked for, and everything
+    the variables asked for must be there."""
+    import base64
+    import copy
+    with open(path) as f:
+        docs = [unhash(d) for d in yaml.safe_load_all(f) if d]
+    with open(base_path) as f:
+        base = {(d["kind"], d["metadata"]["name"]): d
+                for d in (unhash(x) for x in yaml.safe_load_all(f) if x)}
+    with open(expect_path) as f:
+        want = json.load(f)
+    n, hosts, ns = want["replicas"], want["hostnames"], want["namespace"]
+    problems = []
+
+    def same(what, got, expected):
+        if got != expected:
+            if isinstance(got, dict) and isinstance(expected, dict):
+                for where, g, e in differences(got, expected):
+                    problems.append(f"{what}: {where}: got {g!r}, want {e!r}")
+            else:
+                problems.append(f"{what}: got {got!r}, want {expected!r}")
+
+    got = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    pristine = copy.deepcopy(got)  # the checks below reduce `got` to the base
+    relays = [f"derpd-{i}" for i in range(n)]
+    base_relays = sorted(k[1] for k, d in base.items()
+                         if k[0] == "Service" and d["spec"].get("type") == "LoadBalancer")
+    expected = set(base) - {("Secret", "derpd-headscale-api-key")}
+    expected -= {("Service", r) for r in base_relays}
+    expected |= {("Service", r) for r in relays}
+    if not want["servicemonitor"]:
+        expected -= {("ServiceMonitor", "derpd")}
+    same("objects", sorted(got), sorted(expected))
+    for (kind, name), d in got.items():
+        same(f"{kind} {name}: namespace", d["metadata"].get("namespace"), ns)
+        d["metadata"].pop("namespace", None)
+
+    sts = got.get(("StatefulSet", "derpd"))
+    bsts = copy.deepcopy(base[("StatefulSet", "derpd")])
+    if sts:
+        same("replicas", sts["spec"]["replicas"], n)
+        sts["spec"]["replicas"] = bsts["spec"]["replicas"]
+        c, bc = sts["spec"]["template"]["spec"]["containers"][0], bsts["spec"]["template"]["spec"]["containers"][0]
+        same("image", c["image"], want["image"])
+        same("imagePullPolicy", c.pop("imagePullPolicy", None), want["image_pull_policy"])
+        c["image"] = bc["image"]
+        pattern = want["hostname_arg"]
+        args, bargs = c["args"], bc["args"]
+        hi = next(i for i, a in enumerate(bargs) if a.startswith("--hostname="))
+        mi = next(i for i, a in enumerate(bargs) if a.startswith("--mesh-with="))
+        same("--hostname", args[hi], "--hostname=" + pattern)
+        mesh = args[mi].split("=", 1)[1].split(",")
+        same("--mesh-with names", [m.split("/")[0] for m in mesh], hosts)
+        same("--mesh-with dial addresses", [m.split("/")[1] for m in mesh],
+             [f"derpd-{i}.derpd-mesh.$(POD_NAMESPACE).svc.cluster.local:8443" for i in range(n)])
+        same("added flags", args[len(bargs):],
+             [f"--headscale-url={want['headscale_url']}", f"--acme-email={want['acme_email']}"]
+             + want.get("extra_args", []))
+        args[hi], args[mi] = bargs[hi], bargs[mi]
+        del args[len(bargs):]
+        env = {e["name"]: e for e in c["env"]}
+        same("POD_INDEX", env.get("POD_INDEX", {}).get("valueFrom"),
+             {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}})
+        c["env"] = [e for e in c["env"] if e["name"] != "POD_INDEX"]
+        if want.get("resources"):
+            same("resources", c["resources"], want["resources"])
+            c["resources"] = bc["resources"]
+        vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        same("headscale API key volume", vols.get("headscale-api-key", {}).get("secret"), {
+            "secretName": want["api_key_secret"], "defaultMode": 0o440,
+            "items": [{"key": want["api_key_key"], "path": "api.key"}]})
+        bvols = {v["name"]: v for v in bsts["spec"]["template"]["spec"]["volumes"]}
+        vols["headscale-api-key"] = bvols["headscale-api-key"]
+        sts["spec"]["template"]["spec"]["volumes"] = sorted(vols.values(), key=lambda v: v["name"])
+        bsts["spec"]["template"]["spec"]["volumes"].sort(key=lambda v: v["name"])
+        same("StatefulSet apart from the above", sts, bsts)
+
+    cm = got.get(("ConfigMap", "derpd-config"))
+    if cm:
+        dmap = json.loads(cm["data"].pop("derpmap.json"))
+        region = dmap["Regions"].get(str(want["region_id"]), {})
+        same("derpmap.json hostnames", [x["HostName"] for x in region.get("Nodes", [])], hosts)
+        same("domain", cm["data"].pop("domain"), hosts[0].split(".", 1)[1])
+        b = copy.deepcopy(base[("ConfigMap", "derpd-config")])
+        del b["data"]["derpmap.json"], b["data"]["domain"]
+        same("ConfigMap apart from the above", cm, b)
+
+    sec = got.get(("Secret", "derpd-mesh-key"))
+    if sec:
+        same("mesh key", base64.b64decode(sec["data"]["mesh.key"]).decode().strip(), want["mesh_psk"])
+        b = copy.deepcopy(base[("Secret", "derpd-mesh-key")])
+        sec["data"] = b["data"]
+        same("mesh key Secret apart from the key", sec, b)
+
+    template = base[("Service", base_relays[0])]
+    for i, r in enumerate(relays):
+        svc = got.get(("Service", r))
+        if not svc:
+            continue
+        same(f"Service {r}: annotations", svc["metadata"].pop("annotations", {}),
+             want.get("service_annotations", {}))
+        b = base.get(("Service", r)) or json.loads(json.dumps(template).replace(
+            f'"{base_relays[0]}"', f'"{r}"'))
+        same(f"Service {r}", svc, b)
+    for k in expected:
+        if k[0] not in ("StatefulSet", "ConfigMap", "Secret") and not (
+                k[0] == "Service" and k[1] in relays) and k in got:
+            same(f"{k[0]} {k[1]}", got[k], base[k])
+    if problems:
+        fail("the role's render differs from the base beyond its variables:\n  "
+             + "\n  ".join(problems))
+    print(f"{len(docs)} objects: the base's, changed only as the variables ask "
+          f"({n} relays, {want['image']}, {hosts[0]} …, secret {want['api_key_secret']})")
+    if derpd:
+        role_render_runs(pristine, want, derpd)
+
+
+def role_render_runs(got, want, derpd):
+    """derpd starts with relay 0's flags, derpd.toml and DERP map from the
+    role's render (file paths and the certificate mode changed for
+    loopback) and serves the rendered map at /derpmap.json."""
+    import base64
+    c = got[("StatefulSet", "derpd")]["spec"]["template"]["spec"]["containers"][0]
+    cm, sec = got[("ConfigMap", "derpd-config")], got[("Secret", "derpd-mesh-key")]
+    ns = want["namespace"]
+    subst = {"POD_NAME": "derpd-0", "POD_INDEX": "0", "POD_NAMESPACE": ns,
+             "DERP_DOMAIN": want["hostnames"][0].split(".", 1)[1]}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: subst[m.group(1)], a) for a in c["args"]]
+    tmp = tempfile.mkdtemp(prefix="derpd-role-render-")
+    p = None
+    try:
+        for k, v in cm["data"].items():
+            with open(os.path.join(tmp, k), "w") as f:
+                f.write(v.replace("/etc/derpd/config/", tmp + "/").replace(
+                    "/etc/derpd/mesh/", tmp + "/").replace("/etc/derpd/headscale/", tmp + "/"))
+        with open(os.path.join(tmp, "mesh.key"), "wb") as f:
+            f.write(base64.b64decode(sec["data"]["mesh.key"]))
+        with open(os.path.join(tmp, "api.key"), "w") as f:
+            f.write("hskey-test.0123456789abcdef\n")
+        port, stun = free_port(), free_port()
+        args = [a.replace("/etc/derpd/config/", tmp + "/") for a in args
+                if not a.startswith("--headscale-url=")]
+        args += ["--certmode", "none", "--http-port", "-1", "--addr", f"127.0.0.1:{port}",
+                 "--stun-port", str(stun), "--metrics-addr", "off",
+                 "--state-dir", os.path.join(tmp, "state"), "--headscale-url", "http://127.0.0.1:9"]
+        log = open(os.path.join(tmp, "derpd.log"), "w")
+        p = subprocess.Popen([derpd] + args, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            status, body = wait_for("derpd with the role's flags serving /derpmap.json", lambda: (
+                lambda r: (r[0] == 200, r))(http_get(f"http://127.0.0.1:{port}/derpmap.json")), 30)
+        except SystemExit:
+            with open(os.path.join(tmp, "derpd.log")) as f:
+                print(f.read()[-2000:], file=sys.stderr)
+            raise
+        served = json.loads(body)["Regions"][str(want["region_id"])]
+        if [x["HostName"] for x in served["Nodes"]] != want["hostnames"]:
+            fail(f"/derpmap.json does not list the relays: {body}")
+        print(f"derpd runs with relay 0's rendered flags; /derpmap.json lists {len(served['Nodes'])} relays")
+    finally:
+        if p and p.poll() is None:
+            p.kill()
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- README's outage recipe ----------------------------------------------
+
+def readme_block(marker):
+    """The fenced block after `<!-- outage-recipe: MARKER -->` in README.md,
+    without its indentation."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    m = re.search(r"<!-- outage-recipe: " + re.escape(marker) + r" -->\s*\n( *)```\w*\n(.*?)\n *```",
+                  text, re.S)
+    if not m:
+        fail(f"README.md: no block marked outage-recipe: {marker}")
+    indent = len(m.group(1))
+    return "\n".join(l[indent:] for l in m.group(2).splitlines())
+
+
+def outage_recipe(derpd):
+    derpd = os.path.abspath(derpd)
+    policy = json.loads(readme_block("policy.json"))
+    if {"target": ["*"], "attr": ["cache-network-maps"]} not in policy.get("nodeAttrs", []):
+        fail(f"the recipe's policy does not grant cache-network-maps: {policy}")
+    print("policy: nodeAttrs grants cache-network-maps to every node")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        recipe = f.read().split("## Surviving a headscale outage", 1)[1].split("\n## ", 1)[0]
+    defined = {r["alert"] for r in alerts()}
+    named = set(re.findall(r"`(Derpd[A-Za-z]+)`", recipe))
+    if not named or named - defined:
+        fail(f"alerts named in the recipe but not defined: {sorted(named - defined)}")
+    metrics = set(re.findall(r"`(derpd_[a-z_]+)", recipe))
+
+    tmp = tempfile.mkdtemp(prefix="derpd-outage-")
+    procs = {}
+
+    def start(name, args):
+        log = open(os.path.join(tmp, f"{name}.log"), "a")
+        procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+
+    def stop(name, sig=signal.SIGTERM):
+        p = procs.pop(name)
+        p.send_signal(sig)
+        p.wait(timeout=30)
+
+    try:
+        os.makedirs(os.path.join(tmp, "hs", "api", "v1"))
+        with open(os.path.join(tmp, "hs", "api", "v1", "node"), "w") as f:
+            json.dump({"nodes": [{
+                "id": "1", "name": "n1", "givenName": "n1", "nodeKey": "nodekey:" + "cd" * 32,
+                "user": {"id": "1", "name": "proj-a"}, "tags": [], "expiry": None,
+                "online": True}]}, f)
+        ph = free_port()
+        start("headscale", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                            "--directory", os.path.join(tmp, "hs"), str(ph)])
+        api, mesh = os.path.join(tmp, "api.key"), os.path.join(tmp, "mesh.key")
+        with open(api, "w") as f:
+            f.write("hskey-test.0123456789abcdef\n")
+        with open(mesh, "w") as f:
+            f.write(subprocess.check_output([derpd, "keygen", "--mesh"], text=True))
+        toml = readme_block("derpd.toml")
+        toml = re.sub(r'(?m)^headscale-url = .*$', f'headscale-url = "http://127.0.0.1:{ph}"', toml)
+        toml = toml.replace("/etc/derpd/headscale/api.key", api).replace("/etc/derpd/mesh/mesh.key", mesh)
+        cfg = os.path.join(tmp, "derpd.toml")
+        with open(cfg, "w") as f:
+            f.write(toml)
+        port, stun, met = free_port(), free_port(), free_port()
+        relay = [derpd, "serve", "--config", cfg, "--certmode", "none", "--http-port", "-1",
+                 "--addr", f"127.0.0.1:{port}", "--stun-port", str(stun),
+                 "--metrics-addr", f"127.0.0.1:{met}", "--state-dir", os.path.join(tmp, "state")]
+        ready = f"http://127.0.0.1:{port}/readyz"
+        start("derpd", relay)
+        wait_for("the relay ready with headscale up", lambda: (lambda r: (r[0] == 200, r))(http_get(ready)))
+
+        # headscale goes away; the relay restarts during the outage.
+        stop("headscale", signal.SIGKILL)
+        stop("derpd")
+        t0 = time.monotonic()
+        start("derpd", relay)
+        status, body = wait_for("the restarted relay ready", lambda: (
+            lambda r: (r[0] == 200, r))(http_get(ready)), timeout=10)
+        print(f"restarted during the outage: ready after {time.monotonic() - t0:.1f}s "
+              f"from the stored snapshot")
+        r = subprocess.run([derpd, "probe", f"http://127.0.0.1:{port}"], capture_output=True,
+                           text=True, timeout=30)
+        if r.returncode == 0:
+            fail(f"a stranger was admitted during the outage: {r.stdout}")
+        print("stranger refused:", (r.stderr.strip().splitlines() or ["?"])[-1])
+        body = wait_for("/readyz reporting the failing sync", lambda: (
+            lambda r: ("last sync failing" in (r[1] or ""), r[1]))(http_get(ready)), timeout=30)
+        print("/readyz:", " | ".join(body.strip().splitlines()))
+        scrape = http_get(f"http://127.0.0.1:{met}/metrics")[1]
+        for series in ['derpd_companion_sync_failures_total{reason="unreachable"}',
+                       'derpd_admission_decisions_total{reason="unknown",result="deny"}']:
+            m = re.search(r"^" + re.escape(series) + r" (\S+)$", scrape, re.M)
+            if not m or float(m.group(1)) < 1:
+                fail(f"{series} does not show the outage: {m and m.group(0)}")
+        missing = metrics - scrape_names(scrape)
+        if missing:
+            fail(f"metrics named in the recipe but not exported: {sorted(missing)}")
+        print(f"the outage shows in the metrics; all {len(metrics)} metrics the recipe names are exported")
+    except SystemExit:
+        for name in ("derpd", "headscale"):
+            path = os.path.join(tmp, f"{name}.log")
+            if os.path.exists(path):
+                with open(path) as f:
+                    print(f"--- {name}'s log:\n{f.read()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     if len(sys.argv) < 2:
         fail(__doc__)
     cmd, args = sys.argv[1], sys.argv[2:]
     {"alert-tests": alert_tests, "kustomize-render": kustomize_render,
      "validate-output": validate_output, "live": live, "base-config": base_config,
+     "role-render": role_render, "outage-recipe": outage_recipe,
      "free-port": lambda: print(free_port()),
      "wait-healthy": lambda url: wait_for(
          url, lambda: (lambda r: (r[0] == 200, r))(http_get(url)), timeout=30)}[cmd](*args)

@@ -55,11 +55,21 @@ enum Command {
     },
 }
 
+/// Colour (ANSI escape sequences) in the log only when standard error is a
+/// terminal and `NO_COLOR` is unset or empty (<https://no-color.org>):
+/// journald, `kubectl logs`, `docker logs` and log files get plain text.
+fn log_colour() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(log_colour())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
