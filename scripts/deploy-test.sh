@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Tests the deployment files in deploy/ with the real tools that consume
 # them: Docker (the image), kubectl's kustomize + kubernetes-validate (the
-# Kubernetes manifests), promtool and a real Prometheus (alert rules and
-# dashboard queries against running relays), systemd-analyze (the unit),
-# ansible-playbook and ansible-lint (the Ansible role in deploy/ansible,
-# installed from PyPI here when missing), and derpd itself (README's outage
-# recipe). scripts/test.sh installs the other tools and runs this; it needs
-# root (Docker).
+# Kubernetes manifests, the prober's component included), promtool and a
+# real Prometheus (alert rules and dashboard queries against running relays
+# and a running prober), systemd-analyze (the relay's and the prober's
+# units), ansible-playbook and ansible-lint (the Ansible role in
+# deploy/ansible, installed from PyPI here when missing), and derpd itself
+# (README's outage recipe). scripts/test.sh installs the other tools and
+# runs this; it needs root (Docker).
 #
 # Prints "ok:" or "FAILED:" per check and a closing "N passed, M failed".
 set -uo pipefail
@@ -96,7 +97,22 @@ check_kubernetes() {
         done
     done
     echo "-- derpd and the base's derpd.toml, derpmap.json, placeholder Secrets"
-    $check base-config "$derpd"
+    $check base-config "$derpd" || return 1
+    for k in "${kubectls[@]}"; do
+        n=$((n + 1))
+        echo "-- deploy/kubernetes/prober (its own component) with $k"
+        local out="$work/render-$n.yaml"
+        "$k" kustomize deploy/kubernetes/prober >"$out" 2>"$out.err" || { cat "$out.err"; return 1; }
+        $check prober-render "$out" || return 1
+        python3 -m kubernetes_validate --strict "$out" >"$out.validate" 2>&1
+        local rc=$?
+        $check validate-output "$out.validate" || return 1
+        [ $rc -eq 0 ] || { cat "$out.validate"; return 1; }
+    done
+    echo "-- derpd prober reads the component's derpmap.json"
+    "$derpd" prober --once --derp-map deploy/kubernetes/prober/derpmap.json --regions 900 \
+        --tls-timeout 1s --stun-timeout 1s --derp-timeout 1s --mesh-timeout 1s >"$work/prober-once.txt" 2>&1
+    grep -q '^ms  *900a  *tls ' "$work/prober-once.txt" || { cat "$work/prober-once.txt"; return 1; }
 }
 
 # --- Ansible (deploy/ansible: the role for metal-stack control planes) ---------
@@ -175,7 +191,7 @@ check_outage() {
 # --- Prometheus ----------------------------------------------------------------
 
 check_rules() {
-    promtool check rules deploy/prometheus/derpd-alerts.yml &&
+    promtool check rules deploy/prometheus/derpd-alerts.yml deploy/prometheus/derpd-prober-alerts.yml &&
         promtool test rules deploy/prometheus/tests/*.yml &&
         $check alert-tests
 }
@@ -187,6 +203,27 @@ check_live() {
 # --- systemd ---------------------------------------------------------------------
 
 check_systemd() {
+    check_systemd_relay && check_systemd_prober
+}
+
+check_systemd_prober() {
+    local dir="$work/systemd-prober"
+    rm -rf "$dir" && mkdir -p "$dir"
+    sed "s#/usr/local/bin/derpd#$derpd#g" deploy/systemd/derpd-prober.service >"$dir/derpd-prober.service"
+    local out
+    out=$(cd "$dir" && systemd-analyze verify ./derpd-prober.service 2>&1) || { echo "$out"; return 1; }
+    [ -z "$out" ] || { echo "systemd-analyze verify complained:"; echo "$out"; return 1; }
+    out=$(cd "$dir" && systemd-analyze security --offline=yes ./derpd-prober.service 2>&1)
+    echo "$out" | grep -E 'User=|Overall exposure'
+    echo "$out" | grep -q '✓ User=/DynamicUser=' || { echo "the prober unit runs as root"; return 1; }
+    # The unit's command line is one derpd accepts.
+    local cmd
+    cmd=$(sed -n 's#^ExecStart=/usr/local/bin/derpd ##p' deploy/systemd/derpd-prober.service)
+    # shellcheck disable=SC2086
+    "$derpd" $cmd --help >/dev/null || { echo "derpd refuses: $cmd"; return 1; }
+}
+
+check_systemd_relay() {
     local dir="$work/systemd"
     rm -rf "$dir" && mkdir -p "$dir"
     # verify wants the ExecStart binary to exist: point it at the built one.
@@ -259,8 +296,8 @@ run "kubernetes: kustomize renders (old and new kustomize), strict schema valida
 run "ansible: syntax-check, ansible-lint production, renders validated and diffed against the base, asserts" check_ansible
 run "outage recipe: README's derpd settings outlive headscale and a restart, refuse a stranger, show in metrics" check_outage
 run "prometheus: promtool check rules, promtool test rules" check_rules
-run "systemd: systemd-analyze verify, not root" check_systemd
-run "live: real Prometheus scrapes running relays, rules evaluate, every metric exists" check_live
+run "systemd: systemd-analyze verify, not root (relay and prober units)" check_systemd
+run "live: real Prometheus scrapes running relays and a prober, rules evaluate, every metric exists" check_live
 run "container: build.sh image, non-root, --read-only, ts_derp relays through it" check_container
 
 echo

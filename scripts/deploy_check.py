@@ -5,6 +5,7 @@ message saying what is wrong.
 
   alert-tests              every alert has tests/<Alert>.yml, firing and not
   kustomize-render FILE    the render has a StatefulSet, Services, Secrets, a PDB
+  prober-render FILE       the prober component's render: a non-root Deployment
   validate-output FILE     kubernetes-validate --strict output: all passed
   live DERPD PROMETHEUS    real derpd relays + real Prometheus with the rules
   base-config DERPD        derpd runs with the Kubernetes base's derpd.toml and
@@ -39,6 +40,8 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = os.path.join(ROOT, "deploy", "prometheus", "derpd-alerts.yml")
+PROBER_RULES = os.path.join(ROOT, "deploy", "prometheus", "derpd-prober-alerts.yml")
+RULE_FILES = [RULES, PROBER_RULES]
 TESTS = os.path.join(ROOT, "deploy", "prometheus", "tests")
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "derpd.json")
 # Kinds that are not part of Kubernetes itself (CRDs): kubernetes-validate
@@ -55,9 +58,12 @@ def fail(msg):
 
 
 def alerts():
-    with open(RULES) as f:
-        doc = yaml.safe_load(f)
-    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+    out = []
+    for path in RULE_FILES:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        out += [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+    return out
 
 
 def alert_tests():
@@ -111,6 +117,34 @@ def kustomize_render(path):
         if not (sc.get("readOnlyRootFilesystem") and sc.get("runAsNonRoot")
                 and sc.get("capabilities", {}).get("drop") == ["ALL"]):
             fail(f"container securityContext is not read-only/non-root/drop ALL: {sc}")
+    print(", ".join(f"{k} x{len(v)}" for k, v in sorted(kinds.items())))
+
+
+def prober_render(path):
+    """deploy/kubernetes/prober: one Deployment running `derpd prober`,
+    read-only, non-root, with its Service; every ConfigMap it mounts is
+    rendered."""
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = {}
+    for d in docs:
+        kinds.setdefault(d["kind"], []).append(d["metadata"]["name"])
+    for kind in ["Deployment", "Service", "ConfigMap"]:
+        if kind not in kinds:
+            fail(f"{path}: no {kind} in the render (kinds: {sorted(kinds)})")
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    for v in spec.get("volumes", []):
+        if "configMap" in v and ("ConfigMap", v["configMap"]["name"]) not in names:
+            fail(f"volume {v['name']}: ConfigMap {v['configMap']['name']} not rendered")
+    c = spec["containers"][0]
+    if c.get("args", [])[:1] != ["prober"]:
+        fail(f"the container does not run `derpd prober`: {c.get('args')}")
+    sc = c.get("securityContext", {})
+    if not (sc.get("readOnlyRootFilesystem") and sc.get("runAsNonRoot")
+            and sc.get("capabilities", {}).get("drop") == ["ALL"]):
+        fail(f"container securityContext is not read-only/non-root/drop ALL: {sc}")
     print(", ".join(f"{k} x{len(v)}" for k, v in sorted(kinds.items())))
 
 
@@ -337,8 +371,35 @@ def _live(derpd, prometheus, tmp, start):
                 is not None), body[-300:] if body else body
     wait_for("A's mesh link to B", mesh_up)
 
+    # A prober watching both relays: A (TLS, self-signed, so its TLS and
+    # DERP probes fail but the certificate's expiry is read) and B twice
+    # (plain HTTP), so a mesh pair and a bandwidth burst succeed.
+    mp = free_port()
+    derpmap = os.path.join(tmp, "prober-map.json")
+    with open(derpmap, "w") as f:
+        json.dump({"Regions": {"900": {"RegionID": 900, "RegionCode": "live", "Nodes": [
+            {"Name": "a", "RegionID": 900, "HostName": "localhost", "IPv4": "127.0.0.1",
+             "IPv6": "none", "DERPPort": pa, "STUNPort": sa},
+            {"Name": "b1", "RegionID": 900, "HostName": "127.0.0.1", "IPv6": "none",
+             "DERPPort": pb, "STUNPort": sb, "InsecureForTests": True},
+            {"Name": "b2", "RegionID": 900, "HostName": "127.0.0.1", "IPv6": "none",
+             "DERPPort": pb, "STUNPort": sb, "InsecureForTests": True},
+        ]}}}, f)
+    start("derpd-prober", [derpd, "prober", "--derp-map", derpmap,
+                           "--listen", f"127.0.0.1:{mp}", "--interval", "1s",
+                           "--mesh-timeout", "2s", "--bw-interval", "1s", "--bw-size", "100000",
+                           "--bw-timeout", "3s"])
+
+    def prober_ran():
+        s, body = http_get(f"http://127.0.0.1:{mp}/metrics")
+        names = scrape_names(body or "") if s == 200 else set()
+        want = {"derpd_prober_bandwidth_bytes_per_second",
+                "derpd_prober_cert_expiry_timestamp_seconds", "derpd_prober_pair_latency_seconds"}
+        return want <= names, sorted(want - names)
+    wait_for("the prober's first runs", prober_ran)
+
     exported = set()
-    for m in (ma, mb):
+    for m in (ma, mb, mp):
         s, body = http_get(f"http://127.0.0.1:{m}/metrics")
         if s != 200:
             fail(f"/metrics on 127.0.0.1:{m} answered {s}: {body}")
@@ -351,7 +412,7 @@ def _live(derpd, prometheus, tmp, start):
         for name in sorted(metric_names(expr) - exported):
             missing.append(f"{where}: {name}")
     if missing:
-        fail("metrics not exported by a running derpd: " + "; ".join(missing))
+        fail("metrics not exported by a running derpd or derpd prober: " + "; ".join(missing))
     print(f"{len(exprs)} expressions; every metric they name is exported "
           f"({len(exported)} series names scraped)")
 
@@ -360,9 +421,13 @@ def _live(derpd, prometheus, tmp, start):
     with open(cfg, "w") as f:
         yaml.safe_dump({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [RULES],
-            "scrape_configs": [{"job_name": "derpd", "static_configs": [
-                {"targets": [f"127.0.0.1:{ma}", f"127.0.0.1:{mb}"]}]}],
+            "rule_files": RULE_FILES,
+            "scrape_configs": [
+                {"job_name": "derpd", "static_configs": [
+                    {"targets": [f"127.0.0.1:{ma}", f"127.0.0.1:{mb}"]}]},
+                {"job_name": "derpd-prober", "static_configs": [
+                    {"targets": [f"127.0.0.1:{mp}"]}]},
+            ],
         }, f)
     start("prometheus", [prometheus, f"--config.file={cfg}",
                          f"--storage.tsdb.path={os.path.join(tmp, 'tsdb')}",
@@ -374,9 +439,9 @@ def _live(derpd, prometheus, tmp, start):
         if not r:
             return False, "Prometheus not answering"
         t = r["data"]["activeTargets"]
-        return len(t) == 2 and all(x["health"] == "up" for x in t), [
+        return len(t) == 3 and all(x["health"] == "up" for x in t), [
             (x["scrapeUrl"], x["health"], x.get("lastError")) for x in t]
-    print("targets:", wait_for("both relays scraped and up", targets_up))
+    print("targets:", wait_for("both relays and the prober scraped and up", targets_up))
 
     # Rules evaluated after both targets had been scraped at least once more.
     t0 = float(prom_api(base, "/api/v1/query", query="time()")["data"]["result"][0]) + 2
@@ -782,7 +847,8 @@ def main():
         fail(__doc__)
     cmd, args = sys.argv[1], sys.argv[2:]
     {"alert-tests": alert_tests, "kustomize-render": kustomize_render,
-     "validate-output": validate_output, "live": live, "base-config": base_config,
+     "validate-output": validate_output, "prober-render": prober_render,
+     "live": live, "base-config": base_config,
      "role-render": role_render, "outage-recipe": outage_recipe,
      "free-port": lambda: print(free_port()),
      "wait-healthy": lambda url: wait_for(

@@ -415,6 +415,22 @@ pub async fn dial_via(
     insecure: bool,
     info: ClientInfo,
 ) -> Result<DynClient, ClientError> {
+    let tls = url
+        .starts_with("https://")
+        .then(|| std::sync::Arc::new(tls_client_config(insecure)));
+    dial_tls_via(url, connect_to, tls, key, info).await
+}
+
+/// [`dial_via`] with the caller's TLS client configuration for an
+/// `https://` URL (its own trusted roots, or [`insecure_tls_config`]);
+/// `None` uses the default one (system store and web PKI roots).
+pub async fn dial_tls_via(
+    url: &str,
+    connect_to: Option<std::net::SocketAddr>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    key: &NodePrivate,
+    info: ClientInfo,
+) -> Result<DynClient, ClientError> {
     let target = Target::parse(url)?;
     let tcp = match connect_to {
         Some(a) => TcpStream::connect(a).await?,
@@ -424,12 +440,18 @@ pub async fn dial_via(
     let boxed: Box<dyn Stream> = match target.tls_name {
         None => Box::new(tcp),
         Some(name) => {
-            let config = tls_client_config(insecure);
-            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let config = tls.unwrap_or_else(|| std::sync::Arc::new(tls_client_config(false)));
+            let connector = tokio_rustls::TlsConnector::from(config);
             Box::new(connector.connect(name, tcp).await?)
         }
     };
     Client::upgrade_and_handshake(boxed, &target.addr, key, info).await
+}
+
+/// A TLS client configuration that accepts any server certificate (labs,
+/// `--insecure`, and DERP map nodes marked `InsecureForTests`).
+pub fn insecure_tls_config() -> rustls::ClientConfig {
+    tls_client_config(true)
 }
 
 /// [`dial`], with the local end of the TCP connection bound to `source`

@@ -8,8 +8,9 @@
 //! the relay's [`relay::RemoteKeys`] seam), [`companion`] (headscale sync and
 //! admission) and [`stun`]. Imports only flow downwards; `tests/import_graph.rs`
 //! checks it. [`client`] is a small DERP client used by the probe, the
-//! benchmark, the tests and [`tunnel`] (plain WireGuard over DERP, a client
-//! of the protocol beside everything else).
+//! benchmark, the tests, [`tunnel`] (plain WireGuard over DERP) and
+//! [`prober`] (a region watched from outside): clients of the protocol
+//! beside everything else.
 
 pub mod bench;
 pub mod client;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod keyfile;
 pub mod mesh;
 pub mod metrics;
+pub mod prober;
 pub mod proto;
 pub mod relay;
 pub mod rlimit;

@@ -1,5 +1,5 @@
 //! The `derpd` command: `serve` (the default), `keygen`, `probe`, `bench`,
-//! `tunnel`.
+//! `tunnel`, `prober`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -38,6 +38,9 @@ enum Command {
     Tunnel(Box<derpd::tunnel::TunnelArgs>),
     /// Load-test any DERP relay: packets/s, Gbit/s, loss, latency, server CPU.
     Bench(Box<derpd::bench::BenchOptions>),
+    /// Watch DERP regions from outside: every node (TLS, STUN, DERP) and
+    /// every mesh pair, as Prometheus metrics and a status page.
+    Prober(Box<derpd::prober::ProberArgs>),
     /// Check a relay end to end: two clients exchange a packet through it.
     Probe {
         /// Relay URL, e.g. http://127.0.0.1:3340
@@ -163,6 +166,55 @@ async fn probe(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `derpd prober`: with `--once`, the table and exit code 1 if any probe
+/// failed; otherwise probe until SIGINT/SIGTERM.
+async fn prober(args: &derpd::prober::ProberArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("derpd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if config.once {
+        return match derpd::prober::run_once(&config).await {
+            Ok(report) => {
+                print!("{}", report.table);
+                if report.failed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("derpd: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let running = match derpd::prober::start(&config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("derpd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse_from(derpd::config::go_style_args(std::env::args_os()));
     // As Go's runtime does: every subcommand may use as many file
@@ -214,6 +266,17 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Probe { url } => rt.block_on(probe(&url)),
+        Command::Prober(args) => {
+            match args.log_format.as_deref() {
+                None | Some("text") => init_logging(LogFormat::Text),
+                Some("json") => init_logging(LogFormat::Json),
+                Some(other) => {
+                    eprintln!("derpd: log-format {other:?}: want text or json");
+                    return ExitCode::FAILURE;
+                }
+            }
+            return rt.block_on(prober(&args));
+        }
         Command::CompanionStoreTorture { state_dir, nodes } => {
             derpd::companion::store::torture(&state_dir, nodes)
         }

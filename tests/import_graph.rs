@@ -644,3 +644,43 @@ fn only_the_top_level_names_config() {
         .collect();
     assert!(bad.is_empty(), "{bad:#?}");
 }
+
+/// The prober is a client of the protocol (like the tunnel): it builds on
+/// `proto`, `client`, `stun` (the client side of the codec) and `trust`,
+/// never on the relay side (`relay`, `mesh`, `http`, `companion`, `tls`,
+/// `server`, `config`) nor on the tunnel or the benchmark; and nothing but
+/// the binary (`main.rs`) names it.
+#[test]
+fn the_prober_is_a_client_and_only_the_top_level_names_it() {
+    let g = graph();
+    let server_side = [
+        "relay",
+        "mesh",
+        "http",
+        "companion",
+        "tls",
+        "server",
+        "config",
+        "tunnel",
+        "bench",
+    ];
+    let mut bad: Vec<String> = Vec::new();
+    for (file, named) in &g.named {
+        for (m, p) in named {
+            let Some(top) = m.first() else { continue };
+            if file.starts_with("prober/") && server_side.contains(&top.as_str()) {
+                bad.push(format!("{file} names {p}"));
+            }
+            if top == "prober" && !file.starts_with("prober/") && file != "main.rs" {
+                bad.push(format!("{file} names {p}"));
+            }
+        }
+    }
+    assert!(
+        g.files
+            .keys()
+            .any(|m| m.first().is_some_and(|s| s == "prober")),
+        "the prober's sources were found"
+    );
+    assert!(bad.is_empty(), "{bad:#?}");
+}

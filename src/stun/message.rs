@@ -14,15 +14,15 @@ pub const MAX_RESPONSE_LEN: usize = 44;
 /// Size of a response to an IPv4 source.
 pub const IPV4_RESPONSE_LEN: usize = 32;
 
-const BINDING_REQUEST: [u8; 2] = [0x00, 0x01];
+pub(crate) const BINDING_REQUEST: [u8; 2] = [0x00, 0x01];
 pub(crate) const BINDING_SUCCESS: [u8; 2] = [0x01, 0x01];
-const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
-const ATTR_SOFTWARE: u16 = 0x8022;
-const ATTR_FINGERPRINT: u16 = 0x8028;
-const SOFTWARE_VALUE: &[u8] = b"tailnode";
+pub(crate) const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
+pub(crate) const ATTR_SOFTWARE: u16 = 0x8022;
+pub(crate) const ATTR_FINGERPRINT: u16 = 0x8028;
+pub(crate) const SOFTWARE_VALUE: &[u8] = b"tailnode";
 const FINGERPRINT_XOR: u32 = 0x5354_554E;
-const FAMILY_IPV4: u8 = 0x01;
-const FAMILY_IPV6: u8 = 0x02;
+pub(crate) const FAMILY_IPV4: u8 = 0x01;
+pub(crate) const FAMILY_IPV6: u8 = 0x02;
 
 /// A 96-bit STUN transaction ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -82,7 +82,7 @@ fn check_stun_header(pkt: &[u8]) -> Result<(), StunError> {
     }
 }
 
-fn fingerprint(msg: &[u8]) -> u32 {
+pub(crate) fn fingerprint(msg: &[u8]) -> u32 {
     crc32fast::hash(msg) ^ FINGERPRINT_XOR
 }
 

@@ -16,7 +16,10 @@
 //! [`binding_response`], [`is_stun_packet`]) is pure, allocation-free and
 //! never panics; [`server`] ([`serve`]) is the UDP loop around it, as
 //! [`crate::proto`] is the I/O-free protocol that [`crate::relay`] drives.
+//! [`binding`] is the client side (the request a Tailscale client sends and
+//! the parse of the answer), for the prober.
 
+pub mod binding;
 pub mod message;
 pub mod server;
 

@@ -54,6 +54,23 @@ impl TestCa {
         }
     }
 
+    /// A leaf for `names` valid until `not_after` (e.g. one about to
+    /// expire).
+    pub fn leaf_until(&self, names: &[&str], not_after: time::OffsetDateTime) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            crt_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
     /// A root store holding only this CA.
     pub fn roots(&self) -> RootCertStore {
         let mut r = RootCertStore::empty();
