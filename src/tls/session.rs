@@ -75,9 +75,8 @@ pub struct Session {
     incoming: BytesMut,
     /// Plaintext decrypted and not yet taken.
     plain: BytesMut,
-    /// Ciphertext to send, in order; `sent` bytes of it are on the wire.
-    out: Vec<u8>,
-    sent: usize,
+    /// Ciphertext to send, in order.
+    out: OutBuf,
     /// Vectored plaintext gathered into one slice before sealing, so small
     /// slices share records.
     stage: Vec<u8>,
@@ -92,7 +91,7 @@ impl std::fmt::Debug for Session {
             .field("handshaking", &self.conn.is_handshaking())
             .field("incoming", &self.incoming.len())
             .field("plain", &self.plain.len())
-            .field("out", &(self.out.len() - self.sent))
+            .field("out", &self.out.pending().len())
             .field("failed", &self.failed)
             .finish_non_exhaustive()
     }
@@ -114,8 +113,7 @@ impl Session {
             conn: UnbufferedServerConnection::new(config)?,
             incoming: BytesMut::new(),
             plain: BytesMut::new(),
-            out: Vec::new(),
-            sent: 0,
+            out: OutBuf::default(),
             stage: Vec::new(),
             peer_closed: false,
             close_sent: false,
@@ -167,17 +165,14 @@ impl Session {
 
     /// Ciphertext waiting to be sent.
     pub fn pending_out(&self) -> &[u8] {
-        &self.out[self.sent..]
+        self.out.pending()
     }
 
-    /// Marks `n` bytes of [`Session::pending_out`] as sent; once all is
-    /// sent, the buffer is released.
+    /// Marks `n` bytes of [`Session::pending_out`] as sent. The buffer is
+    /// kept for the next write while the connection is busy (a large one
+    /// is released at once); [`Session::release_idle_buffers`] drops it.
     pub fn advance_out(&mut self, n: usize) {
-        self.sent = (self.sent + n).min(self.out.len());
-        if self.sent == self.out.len() {
-            self.out = Vec::new();
-            self.sent = 0;
-        }
+        self.out.advance(n);
     }
 
     /// Releases every buffer that holds nothing (before waiting quietly).
@@ -191,10 +186,7 @@ impl Session {
         if self.stage.capacity() > 0 {
             self.stage = Vec::new();
         }
-        if self.sent == self.out.len() && self.out.capacity() > 0 {
-            self.out = Vec::new();
-            self.sent = 0;
-        }
+        self.out.release_if_drained();
     }
 
     /// Capacity held by the session's own buffers (0 while quiet).
@@ -210,7 +202,14 @@ impl Session {
     /// data becomes plaintext. On failure the fatal alert rustls chose, if
     /// any, is queued to send and the session stays failed.
     pub fn process(&mut self) -> Result<(), TlsFailure> {
-        self.run(None).map(|_| ())
+        self.run(None, None).map(|_| ())
+    }
+
+    /// [`Session::process`], handing plaintext to `sink` first (it returns
+    /// how much it took; the rest waits in [`Session::plaintext`]), which
+    /// saves a copy when the reader's buffer has room.
+    pub fn process_into(&mut self, sink: &mut dyn FnMut(&[u8]) -> usize) -> Result<(), TlsFailure> {
+        self.run(None, Some(sink)).map(|_| ())
     }
 
     /// Encrypts up to [`WRITE_CHUNK`] bytes of `bufs` (after anything
@@ -244,7 +243,7 @@ impl Session {
                 &stage
             }
         };
-        let result = self.run(Some(data));
+        let result = self.run(Some(data), None);
         stage.clear();
         self.stage = stage;
         match result? {
@@ -260,12 +259,16 @@ impl Session {
             return;
         }
         self.close_sent = true;
-        let _ = self.run(Some(&[]));
+        let _ = self.run(Some(&[]), None);
     }
 
     /// Drives rustls until it needs more input; with `write`, until that
     /// data is encrypted (an empty `write` queues close_notify).
-    fn run(&mut self, write: Option<&[u8]>) -> Result<Stop, TlsFailure> {
+    fn run(
+        &mut self,
+        write: Option<&[u8]>,
+        mut sink: Option<&mut dyn FnMut(&[u8]) -> usize>,
+    ) -> Result<Stop, TlsFailure> {
         if let Some(f) = &self.failed {
             return Err(f.clone());
         }
@@ -277,7 +280,13 @@ impl Session {
                     let mut bad = None;
                     while let Some(rec) = r.next_record() {
                         match rec {
-                            Ok(rec) => self.plain.extend_from_slice(rec.payload),
+                            Ok(rec) => {
+                                let taken = match sink.as_mut() {
+                                    Some(sink) if self.plain.is_empty() => sink(rec.payload),
+                                    _ => 0,
+                                };
+                                self.plain.extend_from_slice(&rec.payload[taken..]);
+                            }
                             Err(e) => {
                                 bad = Some(e);
                                 break;
@@ -289,23 +298,11 @@ impl Session {
                         None => Ok(None),
                     }
                 }
-                Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    let at = self.out.len();
-                    match e.encode(&mut []) {
-                        Err(EncodeError::InsufficientSize(s)) => {
-                            self.out.resize(at + s.required_size, 0);
-                            match e.encode(&mut self.out[at..]) {
-                                Ok(n) => {
-                                    self.out.truncate(at + n);
-                                    Ok(None)
-                                }
-                                Err(e) => Err(TlsFailure::Encrypt(e.to_string())),
-                            }
-                        }
-                        Ok(_) => Ok(None),
-                        Err(e) => Err(TlsFailure::Encrypt(e.to_string())),
-                    }
-                }
+                Ok(ConnectionState::EncodeTlsData(mut e)) => self
+                    .out
+                    .encode(&mut e)
+                    .map(|_| None)
+                    .map_err(|e| TlsFailure::Encrypt(e.to_string())),
                 // The bytes encoded so far are in `out`, in order; whoever
                 // drains `out` transmits them.
                 Ok(ConnectionState::TransmitTlsData(t)) => {
@@ -328,14 +325,14 @@ impl Session {
                     // Mid-handshake (TLS 1.3 lets a server write before
                     // the client's Finished) nothing is written here.
                     None => Ok(Some(Stop::Idle)),
-                    Some([]) => encrypt_into(&mut self.out, EXTRA_RECORDS, |buf| {
-                        w.queue_close_notify(buf)
-                    })
-                    .map(|_| Some(Stop::Encrypted(0))),
-                    Some(data) => encrypt_into(&mut self.out, sealed_len(data.len()), |buf| {
-                        w.encrypt(data, buf)
-                    })
-                    .map(|_| Some(Stop::Encrypted(data.len()))),
+                    Some([]) => self
+                        .out
+                        .encrypt(EXTRA_RECORDS, |buf| w.queue_close_notify(buf))
+                        .map(|_| Some(Stop::Encrypted(0))),
+                    Some(data) => self
+                        .out
+                        .encrypt(sealed_len(data.len()), |buf| w.encrypt(data, buf))
+                        .map(|_| Some(Stop::Encrypted(data.len()))),
                 },
                 Ok(ConnectionState::ReadEarlyData(_)) => Err(TlsFailure::Unexpected("early data")),
                 Ok(_) => Err(TlsFailure::Unexpected("unknown rustls state")),
@@ -375,14 +372,7 @@ impl Session {
                 self.conn.process_tls_records(&mut self.incoming[..]);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    let at = self.out.len();
-                    if let Err(EncodeError::InsufficientSize(s)) = e.encode(&mut []) {
-                        self.out.resize(at + s.required_size, 0);
-                        match e.encode(&mut self.out[at..]) {
-                            Ok(n) => self.out.truncate(at + n),
-                            Err(_) => self.out.truncate(at),
-                        }
-                    }
+                    let _ = self.out.encode(&mut e);
                 }
                 Ok(ConnectionState::ReadTraffic(mut r)) => while r.next_record().is_some() {},
                 _ => break,
@@ -393,28 +383,85 @@ impl Session {
     }
 }
 
-/// Appends what `seal` writes to `out`, starting with room for `guess`
-/// bytes and growing it if rustls asks for more.
-fn encrypt_into(
-    out: &mut Vec<u8>,
-    guess: usize,
-    mut seal: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
-) -> Result<(), TlsFailure> {
-    let at = out.len();
-    out.resize(at + guess, 0);
-    let mut attempt = seal(&mut out[at..]);
-    if let Err(EncryptError::InsufficientSize(s)) = attempt {
-        out.resize(at + s.required_size, 0);
-        attempt = seal(&mut out[at..]);
+/// Largest output buffer kept between writes.
+const KEEP_OUT: usize = 256 << 10;
+
+/// Ciphertext waiting to be sent. The bytes up to `buf.len()` are
+/// initialized once and reused while the connection is busy, so sealing
+/// into it costs no zero-filling after the first write.
+#[derive(Default)]
+struct OutBuf {
+    buf: Vec<u8>,
+    /// End of the queued ciphertext.
+    end: usize,
+    /// Start of the unsent ciphertext.
+    sent: usize,
+}
+
+impl OutBuf {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.sent..self.end]
     }
-    match attempt {
-        Ok(n) => {
-            out.truncate(at + n);
-            Ok(())
+
+    fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.sent = (self.sent + n).min(self.end);
+        if self.sent == self.end {
+            self.sent = 0;
+            self.end = 0;
+            if self.buf.capacity() > KEEP_OUT {
+                self.buf = Vec::new();
+            }
         }
-        Err(e) => {
-            out.truncate(at);
-            Err(TlsFailure::Encrypt(e.to_string()))
+    }
+
+    fn release_if_drained(&mut self) {
+        if self.sent == self.end && self.buf.capacity() > 0 {
+            *self = OutBuf::default();
+        }
+    }
+
+    /// At least `n` bytes of room after the queued ciphertext.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// A handshake record or alert rustls encoded.
+    fn encode<D>(
+        &mut self,
+        e: &mut rustls::unbuffered::EncodeTlsData<'_, D>,
+    ) -> Result<(), EncodeError> {
+        let n = match e.encode(&mut []) {
+            Err(EncodeError::InsufficientSize(s)) => e.encode(self.room(s.required_size))?,
+            other => other?,
+        };
+        self.end += n;
+        Ok(())
+    }
+
+    /// Appends what `seal` writes, starting with room for `guess` bytes and
+    /// growing if rustls asks for more.
+    fn encrypt(
+        &mut self,
+        guess: usize,
+        mut seal: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+    ) -> Result<(), TlsFailure> {
+        let mut attempt = seal(self.room(guess));
+        if let Err(EncryptError::InsufficientSize(s)) = attempt {
+            attempt = seal(self.room(s.required_size));
+        }
+        match attempt {
+            Ok(n) => {
+                self.end += n;
+                Ok(())
+            }
+            Err(e) => Err(TlsFailure::Encrypt(e.to_string())),
         }
     }
 }

@@ -150,7 +150,20 @@ impl AsyncRead for TlsReader {
             if s.peer_closed() {
                 return Poll::Ready(Ok(()));
             }
-            process(this.tcp.as_ref(), &mut s)?;
+            // Plaintext goes straight into `buf` where it fits.
+            let mut delivered = 0;
+            let result = s.process_into(&mut |p| {
+                let n = p.len().min(buf.remaining());
+                buf.put_slice(&p[..n]);
+                delivered += n;
+                n
+            });
+            send_now(this.tcp.as_ref(), &mut s);
+            if delivered > 0 {
+                // A failure after this data is reported by the next read.
+                return Poll::Ready(Ok(()));
+            }
+            result?;
             if !s.plaintext().is_empty() || s.peer_closed() {
                 continue;
             }
