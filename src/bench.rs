@@ -135,6 +135,11 @@ pub struct BenchOptions {
     /// At most this many churn rounds (two connections each) in flight.
     #[arg(long, default_value_t = 256)]
     pub churn_parallel: usize,
+    /// With `--server-pid`: how long after every client of the run has
+    /// left to take the relay's last memory sample (`after` in
+    /// `server_rss_kib_span`), e.g. 60s to see whether memory comes back.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub settle: Duration,
     /// Server process id: report its CPU per relayed packet, its memory
     /// and FD count (start, max, end).
     #[arg(long)]
@@ -636,8 +641,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     drop(idle);
     drop(stuck);
     if let Some(pid) = opts.server_pid {
-        // Give the server a moment to notice the closed connections.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Give the server a moment to notice the closed connections (or
+        // as long as asked, to see memory come back).
+        tokio::time::sleep(opts.settle).await;
         if let Some(s) = sample::sample(pid) {
             tracker.lock().after(s);
         }
