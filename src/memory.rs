@@ -13,6 +13,7 @@
 //! relaying under steady load never pays for it. docs/PERFORMANCE.md
 //! ("Reconnect storms (issue 19)") has the measurements behind this choice.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,22 +55,30 @@ pub fn trim() -> bool {
 
 /// Watches the connection count and trims after each large drop, until
 /// `stop`.
-pub async fn trim_after_drops(metrics: Arc<Metrics>, stop: CancellationToken) {
+/// `shrink` first gives back what the caller's own tables hold for
+/// connections that are gone.
+pub async fn trim_after_drops(
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    shrink: impl Fn() + Send + 'static,
+) {
     if !CAN_TRIM {
         return;
     }
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut peak = 0i64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
         let now = metrics.current_connections.get();
-        peak = peak.max(now);
+        // The registry raises the high-water mark on every connection, so
+        // a peak between two looks is not missed.
+        let peak = metrics.connections_high_water.load(Ordering::Relaxed);
         if should_trim(peak, now) {
             let started = std::time::Instant::now();
+            shrink();
             let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
             metrics.memory_trims.inc();
             tracing::debug!(
@@ -79,7 +88,7 @@ pub async fn trim_after_drops(metrics: Arc<Metrics>, stop: CancellationToken) {
                 took = ?started.elapsed(),
                 "connections fell; gave free memory back"
             );
-            peak = now;
+            metrics.connections_high_water.store(now, Ordering::Relaxed);
         }
     }
 }

@@ -137,6 +137,9 @@ pub struct Metrics {
     pub tls_handshake_errors: IntCounter,
     /// Times free allocator memory was handed back after connections left.
     pub memory_trims: IntCounter,
+    /// The most connections at once since the last memory trim (not
+    /// exported; the trim compares it with the current count).
+    pub connections_high_water: std::sync::atomic::AtomicI64,
     /// Handshakes (TLS, DERP) started and not yet finished.
     pub handshakes_in_flight: IntGauge,
     /// How long handshake steps waited for the handshake gate.
@@ -410,6 +413,7 @@ impl Metrics {
                 "derpd_tls_handshake_errors_total",
                 "TLS handshakes that failed or timed out.",
             ),
+            connections_high_water: std::sync::atomic::AtomicI64::new(0),
             memory_trims: counter(
                 &r,
                 "derpd_memory_trims_total",

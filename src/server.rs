@@ -170,9 +170,11 @@ impl Server {
         }
 
         // Free memory goes back to the system after many clients leave.
+        let r = relay.clone();
         tasks.spawn(crate::memory::trim_after_drops(
             metrics.clone(),
             stop_all.clone(),
+            move || r.shared().registry.shrink(),
         ));
 
         let stun_stats = Arc::new(StunStats::new());

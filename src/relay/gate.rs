@@ -50,6 +50,16 @@ impl HandshakeGate {
         }
     }
 
+    /// Waits for a permit, for one short burst of CPU work done while it
+    /// is held (a connection's teardown: when a storm's clients drop at
+    /// once, thousands of connections end in the same instant).
+    pub async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match &self.sem {
+            Some(s) => s.acquire().await.ok(),
+            None => None,
+        }
+    }
+
     /// `fut` (a handshake), polled only while it holds a permit. Counted
     /// in `derpd_handshakes_in_flight` while it lives.
     pub fn gated<F: Future + Unpin>(&self, fut: F) -> Gated<F> {

@@ -352,6 +352,10 @@ impl Relay {
         let reader = async {
             let mut reader = Reader::new(conn.clone(), shared.clone());
             let end = reader.run(&mut r, buf).await;
+            // A storm's clients all leave at once: their teardowns take
+            // turns at the handshake gate instead of filling the run
+            // queues ahead of the connections that stay.
+            let _turn = Box::pin(shared.handshake_gate.turn()).await;
             conn.cancel.cancel();
             let leftover = conn.outbox.close();
             writer::count_batch_drops(shared, &leftover, DropReason::GoneDisconnected);
