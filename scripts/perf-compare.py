@@ -9,7 +9,8 @@ medians side by side as Markdown.
 Scenarios: idle_plain idle_tls idle_many_plain idle_many_tls light light_tls
 window_tls many storm (default: all). "many" is the most idle TLS clients one process's
 FD limit allows (19,000 under a hard limit of 20,000) with 10 pairs x 1,000
-packets/s; "storm" drops them all at once and redials them.
+packets/s; "storm" drops them all at once and redials them, and at the end
+reads the relay's memory 60 s after every client has left.
 """
 import argparse
 import json
@@ -41,7 +42,7 @@ SCENARIOS = {
                          "--idle", str(MANY), "--source-addrs", SOURCES]),
     "storm": (["--tls"], ["--pairs", "10", "--rate", "1000", "--duration", "10s",
                           "--idle", str(MANY), "--source-addrs", SOURCES, "--storm",
-                          "--idle-parallel", "256"]),
+                          "--idle-parallel", "256", "--settle", "60s"]),
 }
 # (label, path into the JSON report, format)
 FIELDS = {
@@ -56,7 +57,10 @@ FIELDS = {
               ("p99 µs during storm", "storm.latency_us.p99", "{:,.0f}"),
               ("lost during storm", "storm.lost", "{:,.0f}"),
               ("p99 µs before storm", "latency_us.p99", "{:.0f}"),
-              ("server CPU µs per redial", "storm.server_cpu_us_per_handshake", "{:.0f}")],
+              ("server CPU µs per redial", "storm.server_cpu_us_per_handshake", "{:.0f}"),
+              ("relay RSS MiB before any client", "server_rss_kib_span.start", "{:.1f}", 1 / 1024),
+              ("relay RSS MiB, peak", "server_rss_kib_span.max", "{:.1f}", 1 / 1024),
+              ("relay RSS MiB 60 s after all left", "server_rss_kib_span.after", "{:.1f}", 1 / 1024)],
 }
 
 
@@ -105,10 +109,11 @@ def main():
             for which, binary in (("before", a.before), ("after", a.after)):
                 print(f"… {name} {which} {i + 1}/{a.runs}", file=sys.stderr)
                 results[which].append(run(binary, a.bench, name))
-        for label, path, fmt in FIELDS[kind(name)]:
+        for label, path, fmt, *scale in FIELDS[kind(name)]:
             cells = []
             for which in ("before", "after"):
-                vals = [v for v in (get(r, path) for r in results[which]) if v is not None]
+                vals = [v * (scale[0] if scale else 1)
+                        for v in (get(r, path) for r in results[which]) if v is not None]
                 cells.append(fmt.format(statistics.median(vals)) if vals else "—")
             print(f"| {name} | {label} | {cells[0]} | {cells[1]} |", flush=True)
 

@@ -28,6 +28,7 @@
 mod churn;
 pub mod idle;
 pub mod limits;
+pub mod restart;
 pub mod sample;
 
 pub use churn::ChurnReport;
@@ -135,6 +136,21 @@ pub struct BenchOptions {
     /// At most this many churn rounds (two connections each) in flight.
     #[arg(long, default_value_t = 256)]
     pub churn_parallel: usize,
+    /// Restart measurement: once the `--idle` clients (plain HTTP) are
+    /// connected, send SIGTERM to this relay process and report, per
+    /// second, when their connections closed and when they were back on
+    /// `--restart-to` (each redials it as soon as its connection closes,
+    /// as tailscaled does). No pairs run.
+    #[arg(long, requires = "restart_to")]
+    pub restart_pid: Option<u32>,
+    /// The relay that clients of `--restart-pid` redial (a mesh peer).
+    #[arg(long, requires = "restart_pid")]
+    pub restart_to: Option<String>,
+    /// With `--server-pid`: how long after every client of the run has
+    /// left to take the relay's last memory sample (`after` in
+    /// `server_rss_kib_span`), e.g. 60s to see whether memory comes back.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub settle: Duration,
     /// Server process id: report its CPU per relayed packet, its memory
     /// and FD count (start, max, end).
     #[arg(long)]
@@ -199,6 +215,8 @@ pub struct BenchReport {
     pub storm_all_back_secs: Option<f64>,
     /// The reconnect storm (with `--storm`).
     pub storm: Option<StormReport>,
+    /// The restart (with `--restart-pid`).
+    pub restart: Option<restart::RestartReport>,
     /// Packets delivered whose payload names another receiver (must be 0).
     pub wrong_key: u64,
     /// Packets delivered from an unexpected sender (must be 0).
@@ -359,6 +377,22 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             "--size must be between {STAMP_LEN} and {}",
             crate::proto::limits::MAX_PACKET_SIZE
         ));
+    }
+    if let (Some(pid), Some(to)) = (opts.restart_pid, &opts.restart_to) {
+        let r = restart::run(
+            opts.url.trim_end_matches('/').trim_end_matches("/derp"),
+            to,
+            pid,
+            opts.idle,
+            opts.idle_parallel,
+            opts.source_addrs,
+        )
+        .await?;
+        return Ok(BenchReport {
+            idle_clients: opts.idle,
+            restart: Some(r),
+            ..Default::default()
+        });
     }
     if opts.window.is_some() == opts.rate.is_some() {
         return Err(
@@ -636,8 +670,9 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     drop(idle);
     drop(stuck);
     if let Some(pid) = opts.server_pid {
-        // Give the server a moment to notice the closed connections.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Give the server a moment to notice the closed connections (or
+        // as long as asked, to see memory come back).
+        tokio::time::sleep(opts.settle).await;
         if let Some(s) = sample::sample(pid) {
             tracker.lock().after(s);
         }
@@ -923,6 +958,9 @@ async fn recv_loop(
 impl BenchReport {
     /// A human-readable table.
     pub fn table(&self) -> String {
+        if let Some(r) = &self.restart {
+            return r.table();
+        }
         let mut s = String::new();
         let opt =
             |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.2}{unit}"));

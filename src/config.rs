@@ -147,6 +147,11 @@ pub struct Settings {
     /// Most concurrent connections; 0 = unlimited (the default).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Handshake steps (TLS, the DERP box, admission) run at once; a step
+    /// waits for a free slot, a handshake waiting on its client holds
+    /// none. 0 = no bound. Default: half the cores, at least 1.
+    #[arg(long)]
+    pub handshake_parallelism: Option<usize>,
     /// New connections accepted per second (token bucket); 0 = unlimited.
     #[arg(long)]
     pub accept_connection_limit: Option<f64>,
@@ -176,6 +181,13 @@ pub struct Settings {
     /// Default 30s.
     #[arg(long)]
     pub restart_try_for: Option<String>,
+    /// Window over which the clients' reconnect delays are spread on
+    /// SIGTERM: each client is told `restart-reconnect-in` plus its own
+    /// offset in the window, and its connection is closed when that delay
+    /// has passed. `0` tells everyone the same and closes at once.
+    /// Default 10s.
+    #[arg(long)]
+    pub restart_reconnect_spread: Option<String>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -280,6 +292,14 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Default `--restart-reconnect-spread`. A relay's clients come back to
+/// the region's other relays over this window: 10,000 clients into two
+/// peers is ~500 handshakes/s each, well inside what one relay does while
+/// it keeps relaying; and 1 s + 10 s (plus the shutdown timeout for
+/// stragglers) fits the 30 s that systemd's unit and Kubernetes give a
+/// stopping relay.
+pub const DEFAULT_RESTART_SPREAD: Duration = Duration::from_secs(10);
+
 /// What SIGTERM does.
 #[derive(Debug, Clone)]
 pub struct ShutdownSettings {
@@ -289,6 +309,9 @@ pub struct ShutdownSettings {
     pub reconnect_in: Duration,
     /// Try-for hint in the Restarting frame.
     pub try_for: Duration,
+    /// Window over which clients' reconnect delays (and the closing of
+    /// their connections) are spread.
+    pub spread: Duration,
 }
 
 impl Default for ShutdownSettings {
@@ -297,6 +320,7 @@ impl Default for ShutdownSettings {
             timeout: Duration::from_secs(10),
             reconnect_in: Duration::from_secs(1),
             try_for: Duration::from_secs(30),
+            spread: DEFAULT_RESTART_SPREAD,
         }
     }
 }
@@ -500,6 +524,7 @@ impl Settings {
             idle_timeout,
             queue_depth,
             max_connections,
+            handshake_parallelism,
             accept_connection_limit,
             accept_connection_burst,
             per_client_rate_limit,
@@ -508,6 +533,7 @@ impl Settings {
             shutdown_timeout,
             restart_reconnect_in,
             restart_try_for,
+            restart_reconnect_spread,
             log_format,
             headscale_url,
             headscale_api_key_file,
@@ -642,6 +668,11 @@ impl Settings {
             timeout: dur("shutdown-timeout", &self.shutdown_timeout, "10s")?,
             reconnect_in: dur("restart-reconnect-in", &self.restart_reconnect_in, "1s")?,
             try_for: dur("restart-try-for", &self.restart_try_for, "30s")?,
+            spread: dur(
+                "restart-reconnect-spread",
+                &self.restart_reconnect_spread,
+                "10s",
+            )?,
         };
         Ok(ServerConfig {
             addr,
@@ -658,6 +689,11 @@ impl Settings {
                 idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
                 frame_timeout: (!frame_timeout.is_zero()).then_some(frame_timeout),
                 client_rate,
+                handshake_parallelism: match self.handshake_parallelism {
+                    None => Some(crate::relay::gate::default_parallelism()),
+                    Some(0) => None,
+                    Some(n) => Some(n),
+                },
                 ..RelayConfig::default()
             },
             fast_start: true,

@@ -135,6 +135,15 @@ pub struct Metrics {
     connections_rejected: IntCounterVec,
     /// Failed or timed-out TLS handshakes.
     pub tls_handshake_errors: IntCounter,
+    /// Times free allocator memory was handed back after connections left.
+    pub memory_trims: IntCounter,
+    /// The most connections at once since the last memory trim (not
+    /// exported; the trim compares it with the current count).
+    pub connections_high_water: std::sync::atomic::AtomicI64,
+    /// Handshakes (TLS, DERP) started and not yet finished.
+    pub handshakes_in_flight: IntGauge,
+    /// How long handshake steps waited for the handshake gate.
+    pub handshake_queue_wait: prometheus::Histogram,
     /// DERP connections accepted over WebSocket.
     pub websocket_accepts: IntCounter,
     /// HTTP requests by route and status.
@@ -404,6 +413,32 @@ impl Metrics {
                 "derpd_tls_handshake_errors_total",
                 "TLS handshakes that failed or timed out.",
             ),
+            connections_high_water: std::sync::atomic::AtomicI64::new(0),
+            memory_trims: counter(
+                &r,
+                "derpd_memory_trims_total",
+                "Times free allocator memory was handed back to the system after many connections left.",
+            ),
+            handshakes_in_flight: gauge(
+                &r,
+                "derpd_handshakes_in_flight",
+                "Handshakes (TLS, DERP with admission) started and not yet finished.",
+            ),
+            handshake_queue_wait: {
+                let h = prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        "derpd_handshake_queue_wait_seconds",
+                        "Time a handshake step waited for the handshake gate (--handshake-parallelism), when it had to.",
+                    )
+                    .buckets(vec![
+                        100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3,
+                        250e-3, 1.0, 2.5,
+                    ]),
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             websocket_accepts: counter(
                 &r,
                 "derpd_websocket_accepts_total",

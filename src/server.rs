@@ -169,6 +169,14 @@ impl Server {
             }
         }
 
+        // Free memory goes back to the system after many clients leave.
+        let r = relay.clone();
+        tasks.spawn(crate::memory::trim_after_drops(
+            metrics.clone(),
+            stop_all.clone(),
+            move || r.shared().registry.shrink(),
+        ));
+
         let stun_stats = Arc::new(StunStats::new());
         metrics
             .registry
@@ -255,14 +263,26 @@ impl Server {
     }
 
     /// Graceful stop (SIGTERM): stop accepting, send every client a
-    /// `Restarting` frame and close it once written, wait for clients to be
-    /// gone (at most the shutdown timeout), then stop everything.
+    /// `Restarting` frame with its own reconnect delay (spread over the
+    /// configured window) and close each connection once its delay has
+    /// passed, wait for clients to be gone (at most the shutdown timeout
+    /// after the last one's turn), then stop everything.
     pub async fn shutdown_gracefully(self) {
         self.stop_accepting.cancel();
         let s = &self.shutdown_settings;
-        let told = self.relay.broadcast_restarting(s.reconnect_in, s.try_for);
-        tracing::info!(clients = told, "told clients the relay is restarting");
-        let deadline = tokio::time::Instant::now() + s.timeout;
+        let started = tokio::time::Instant::now();
+        let (told, last) = self.relay.restart(crate::relay::RestartHints {
+            reconnect_in: s.reconnect_in,
+            spread: s.spread,
+            try_for: s.try_for,
+        });
+        tracing::info!(
+            clients = told,
+            spread = ?s.spread,
+            last_closed_in = ?last,
+            "told clients the relay is restarting"
+        );
+        let deadline = started + last + s.timeout;
         while !self.relay.shared().registry.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -412,6 +412,8 @@ async fn sigterm_sends_restarting_before_closing_and_exits_cleanly() {
         "750ms",
         "--restart-try-for",
         "20s",
+        "--restart-reconnect-spread",
+        "0",
     ]);
     let mut ours = p.client().await;
     // Tailscale's ts_derp client too.
@@ -452,6 +454,70 @@ async fn sigterm_sends_restarting_before_closing_and_exits_cleanly() {
         ),
         "{err}"
     );
+    assert!(p.wait_exit().success());
+}
+
+#[tokio::test]
+async fn sigterm_spreads_reconnect_hints_and_serves_each_client_until_its_turn() {
+    // 1 s + a spread of 1 s: eight clients get eight different delays,
+    // one in each eighth of the window.
+    const N: usize = 8;
+    let mut p = Process::start(&[
+        "--restart-reconnect-in",
+        "1s",
+        "--restart-reconnect-spread",
+        "1s",
+        "--restart-try-for",
+        "5s",
+    ]);
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        clients.push(p.client().await);
+    }
+    p.signal("-TERM");
+    let mut delays = Vec::new();
+    for c in &mut clients {
+        let f = timeout(ARRIVES, async {
+            loop {
+                match c.recv().await.expect("served until told") {
+                    f @ Frame::Restarting { .. } => return f,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("Restarting arrives");
+        let Frame::Restarting {
+            reconnect_in_ms,
+            try_for_ms,
+        } = f
+        else {
+            unreachable!()
+        };
+        assert_eq!(try_for_ms, 5_000);
+        assert!(
+            (1_000..2_000).contains(&reconnect_in_ms),
+            "{reconnect_in_ms}"
+        );
+        delays.push(reconnect_in_ms);
+    }
+    let mut slots: Vec<u32> = delays.iter().map(|d| (d - 1_000) / 125).collect();
+    slots.sort_unstable();
+    assert_eq!(slots, (0..N as u32).collect::<Vec<_>>(), "{delays:?}");
+
+    // Told but not yet at its turn (at least 1 s away): still relayed.
+    let to = clients[1].public_key();
+    clients[0].send_packet(to, b"still here").await.unwrap();
+    let (_, got) = timeout(ARRIVES, clients[1].recv_packet())
+        .await
+        .expect("relayed after the Restarting frame")
+        .unwrap();
+    assert_eq!(&got[..], b"still here");
+
+    // Then every connection is closed by the relay, which exits.
+    for c in &mut clients {
+        frames_until_closed(c).await;
+    }
     assert!(p.wait_exit().success());
 }
 

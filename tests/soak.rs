@@ -28,6 +28,9 @@ fn options(url: String) -> BenchOptions {
         churn_parallel: 64,
         // The relay runs in this process.
         server_pid: Some(std::process::id()),
+        settle: Duration::from_secs(1),
+        restart_pid: None,
+        restart_to: None,
         json: false,
     }
 }

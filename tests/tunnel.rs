@@ -270,6 +270,7 @@ async fn fails_over_when_the_relay_restarts_and_fails_back() {
         timeout: Duration::from_secs(2),
         reconnect_in: Duration::from_millis(100),
         try_for: Duration::from_millis(500),
+        spread: Duration::from_millis(200),
     };
     let r1 = Server::start(c1, NodePrivate::generate(), None)
         .await

@@ -167,6 +167,7 @@ pub struct IdleClients {
     sources: usize,
     keys: Vec<NodePrivate>,
     conns: Vec<Option<std::net::TcpStream>>,
+    gate: crate::relay::HandshakeGate,
 }
 
 /// The outcome of [`IdleClients::connect_all`].
@@ -190,6 +191,10 @@ impl IdleClients {
             sources,
             keys: (0..n).map(|_| NodePrivate::generate()).collect(),
             conns: (0..n).map(|_| None).collect(),
+            gate: crate::relay::HandshakeGate::new(
+                Some(crate::relay::gate::default_parallelism()),
+                Arc::new(crate::metrics::Metrics::new()),
+            ),
         }
     }
 
@@ -239,8 +244,14 @@ impl IdleClients {
                 let (url, key, counters) =
                     (self.url.clone(), self.keys[i].clone(), counters.clone());
                 let (insecure, source) = (self.insecure, source_addr(i, self.sources));
+                let gate = self.gate.clone();
                 set.spawn(async move {
-                    let r = dial_retrying(&url, &key, insecure, source, deadline, &counters).await;
+                    // One dial step at a time: the bench's own TLS client
+                    // handshakes must not starve its measuring pairs.
+                    let dial = Box::pin(dial_retrying(
+                        &url, &key, insecure, source, deadline, &counters,
+                    ));
+                    let r = gate.gated(dial).await;
                     (i, r)
                 });
             }

@@ -252,11 +252,14 @@ pub async fn accept_loop(
             }
             Some(acceptor) => {
                 let metrics = metrics.clone();
+                let gate = front.relay.shared().handshake_gate.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     // The handshake state is transient: boxed, it is freed
                     // after the handshake instead of sizing the task.
-                    let accept = Box::pin(acceptor.accept(stream));
+                    // Its CPU steps go through the relay's handshake gate,
+                    // so a storm of them does not starve relaying.
+                    let accept = gate.gated(Box::pin(acceptor.accept(stream)));
                     // Bound first: a temporary in the `match` head would
                     // live (and size this task) for the whole connection.
                     let accepted = timeout(handshake_timeout, accept).await;

@@ -7,11 +7,13 @@
 //! implements; the relay core names no mesh type.
 
 pub mod conn;
+pub mod gate;
 pub mod outbox;
 pub mod ratelimit;
 pub mod reader;
 pub mod registry;
 pub mod remote;
+pub mod restart;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -30,11 +32,13 @@ use crate::proto::{
     ServerInfo,
 };
 use conn::ClientConn;
+pub use gate::HandshakeGate;
 use outbox::Outbox;
 pub use ratelimit::ClientRateLimit;
 use reader::{Reader, ReaderEnd};
 use registry::Registry;
 pub use remote::RemoteKeys;
+pub use restart::RestartHints;
 
 /// Tunables of the relay core.
 #[derive(Debug, Clone)]
@@ -62,6 +66,9 @@ pub struct RelayConfig {
     pub frame_timeout: Option<Duration>,
     /// Per-client receive limit (mesh peers are exempt).
     pub client_rate: ClientRateLimit,
+    /// Handshake steps (TLS, the DERP box, admission) run at once
+    /// (`None` = no bound); see [`gate`].
+    pub handshake_parallelism: Option<usize>,
 }
 
 impl Default for RelayConfig {
@@ -78,6 +85,7 @@ impl Default for RelayConfig {
             idle_timeout: None,
             frame_timeout: Some(Duration::from_secs(30)),
             client_rate: ClientRateLimit::default(),
+            handshake_parallelism: Some(gate::default_parallelism()),
         }
     }
 }
@@ -97,6 +105,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the relay shuts down.
     pub shutdown: CancellationToken,
+    /// Bounds the handshake steps running at once (TLS in the listener,
+    /// the DERP handshake and admission here).
+    pub handshake_gate: HandshakeGate,
     client_rate: parking_lot::RwLock<ClientRateLimit>,
     client_rate_generation: std::sync::atomic::AtomicU64,
     /// Admission check for new non-mesh clients (headscale companion).
@@ -191,6 +202,7 @@ impl Relay {
                 public_key,
                 mesh_key,
                 registry: Registry::new(metrics.clone()),
+                handshake_gate: HandshakeGate::new(config.handshake_parallelism, metrics.clone()),
                 metrics,
                 shutdown: CancellationToken::new(),
                 client_rate: parking_lot::RwLock::new(config.client_rate),
@@ -255,20 +267,47 @@ impl Relay {
         );
     }
 
-    /// Tells every client the relay is restarting (the `Restarting` frame
-    /// with reconnect hints) and closes each connection once that frame is
-    /// written. Returns how many connections were told.
-    pub fn broadcast_restarting(&self, reconnect_in: Duration, try_for: Duration) -> usize {
-        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-        let frame = Frame::Restarting {
-            reconnect_in_ms: ms(reconnect_in),
-            try_for_ms: ms(try_for),
-        };
-        let conns = self.shared.registry.all_conns();
-        for c in &conns {
-            c.outbox.finish_with(frame.clone());
+    /// Starts a graceful restart (see [`restart`]): every connection is
+    /// sent a `Restarting` frame now, with its own reconnect delay spread
+    /// over `hints.spread`, and is closed once that delay has passed (at
+    /// once when there is no spread). Returns how many connections were
+    /// told and when the last of them is closed.
+    pub fn restart(&self, hints: RestartHints) -> (usize, Duration) {
+        let plan = restart::plan(&hints, self.shared.registry.all_conns());
+        let told = plan.len();
+        let last = plan
+            .iter()
+            .map(|(_, d)| d.close_after)
+            .max()
+            .unwrap_or_default();
+        let mut later = Vec::new();
+        for (conn, dep) in plan {
+            if dep.close_after.is_zero() {
+                conn.outbox.finish_with(dep.frame);
+            } else {
+                // Kept for the close if the control queue had no room now.
+                let unsent = (!conn.outbox.push_control(dep.frame.clone())).then_some(dep.frame);
+                later.push((dep.close_after, conn, unsent));
+            }
         }
-        conns.len()
+        if !later.is_empty() {
+            later.sort_by_key(|(at, _, _)| *at);
+            let start = tokio::time::Instant::now();
+            let shutdown = self.shared.shutdown.clone();
+            tokio::spawn(async move {
+                for (at, conn, unsent) in later {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(start + at) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    match unsent {
+                        Some(frame) => conn.outbox.finish_with(frame),
+                        None => conn.outbox.finish(),
+                    }
+                }
+            });
+        }
+        (told, last)
     }
 
     /// Closes every client connection.
@@ -295,7 +334,12 @@ impl Relay {
         // future. An idle client's memory is mostly its two tasks.
         let not_ideal = opts.not_ideal;
         let tcp_fd = opts.tcp_fd;
-        let admitted = Box::pin(self.admit(&mut r, &mut w, &mut buf, remote, opts)).await;
+        // Its CPU steps go through the handshake gate: relaying first.
+        let admitted = self
+            .shared
+            .handshake_gate
+            .gated(Box::pin(self.admit(&mut r, &mut w, &mut buf, remote, opts)))
+            .await;
         let Some((conn, server_info)) = admitted else {
             return;
         };
@@ -308,6 +352,10 @@ impl Relay {
         let reader = async {
             let mut reader = Reader::new(conn.clone(), shared.clone());
             let end = reader.run(&mut r, buf).await;
+            // A storm's clients all leave at once: their teardowns take
+            // turns at the handshake gate instead of filling the run
+            // queues ahead of the connections that stay.
+            let _turn = Box::pin(shared.handshake_gate.turn()).await;
             conn.cancel.cancel();
             let leftover = conn.outbox.close();
             writer::count_batch_drops(shared, &leftover, DropReason::GoneDisconnected);

@@ -173,11 +173,23 @@ impl Outbox {
     /// Queues a last control frame (e.g. Restarting): the writer writes
     /// what is queued, this frame last, and then ends the connection.
     pub fn finish_with(&self, frame: Frame) {
+        self.finish_inner(Some(frame));
+    }
+
+    /// The writer writes what is queued and then ends the connection;
+    /// later offers are still taken until then.
+    pub fn finish(&self) {
+        self.finish_inner(None);
+    }
+
+    fn finish_inner(&self, frame: Option<Frame>) {
         let mut st = self.state.lock();
         if st.closed || st.finishing {
             return;
         }
-        st.queued.control.push_back(frame);
+        if let Some(frame) = frame {
+            st.queued.control.push_back(frame);
+        }
         st.finishing = true;
         drop(st);
         self.wake.wake();

@@ -104,6 +104,12 @@ impl Registry {
         self.clients.is_empty()
     }
 
+    /// Gives back the map capacity left over from a crowd that is gone
+    /// (called after many connections left).
+    pub fn shrink(&self) {
+        self.clients.shrink_to_fit();
+    }
+
     /// Every connection (for shutdown and status).
     pub fn all_conns(&self) -> Vec<Arc<ClientConn>> {
         self.clients.iter().flat_map(|s| s.conns.clone()).collect()
@@ -144,6 +150,10 @@ impl Registry {
             }
         }
         m.current_connections.inc();
+        m.connections_high_water.fetch_max(
+            m.current_connections.get(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         m.clients_local.set(self.clients.len() as i64);
         let present = Frame::PeerPresent {
             key: conn.key,

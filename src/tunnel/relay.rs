@@ -89,7 +89,10 @@ enum End {
     Stopped,
     Lost {
         why: String,
-        restart: Option<(Duration, Duration)>,
+        /// A Restarting frame's hints: when to redial (the delay counts
+        /// from the frame's arrival, not from the connection's end), and
+        /// how long to keep trying.
+        restart: Option<(Instant, Duration)>,
     },
     Failback(usize, DynClient),
 }
@@ -161,9 +164,10 @@ impl RelayLoop {
                     }
                     End::Lost { why, restart } => {
                         tracing::warn!(relay = %name, reason = %why, "relay connection lost");
-                        let Some((wait, try_for)) = restart else {
+                        let Some((at, try_for)) = restart else {
                             break;
                         };
+                        let wait = at.saturating_duration_since(Instant::now());
                         match self.after_restart(idx, wait, try_for).await {
                             Some(c) => client = c,
                             None => break,
@@ -295,7 +299,7 @@ impl RelayLoop {
         let epoch = Instant::now();
         let last_rx = AtomicU64::new(0);
         let (pong_tx, mut pong_rx) = mpsc::channel::<[u8; 8]>(8);
-        let mut restart: Option<(Duration, Duration)> = None;
+        let mut restart: Option<(Instant, Duration)> = None;
 
         // Each half runs until it fails, and says why.
         let read = async {
@@ -391,7 +395,7 @@ fn handle(
     f: Frame,
     inbound: &mut Inbound,
     pong_tx: &mpsc::Sender<[u8; 8]>,
-    restart: &mut Option<(Duration, Duration)>,
+    restart: &mut Option<(Instant, Duration)>,
 ) {
     match f {
         Frame::RecvPacket { src, payload } => inbound.packet(&src, &payload),
@@ -403,8 +407,11 @@ fn handle(
             reconnect_in_ms,
             try_for_ms,
         } => {
+            // A relay spreading its restart keeps serving until the time
+            // it names, then closes: the wait counts from now.
             *restart = Some((
-                Duration::from_millis(reconnect_in_ms.into()).min(MAX_RECONNECT_IN),
+                Instant::now()
+                    + Duration::from_millis(reconnect_in_ms.into()).min(MAX_RECONNECT_IN),
                 Duration::from_millis(try_for_ms.into()).min(MAX_TRY_FOR),
             ));
         }
