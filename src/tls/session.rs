@@ -385,6 +385,9 @@ impl Session {
 
 /// Largest output buffer kept between writes.
 const KEEP_OUT: usize = 256 << 10;
+/// Output buffers are kept only after batches at least this large (a busy
+/// connection), so quiet connections hold none.
+const QUIET_WRITE: usize = 4 << 10;
 
 /// Ciphertext waiting to be sent. The bytes up to `buf.len()` are
 /// initialized once and reused while the connection is busy, so sealing
@@ -410,9 +413,11 @@ impl OutBuf {
     fn advance(&mut self, n: usize) {
         self.sent = (self.sent + n).min(self.end);
         if self.sent == self.end {
+            // A small batch marks a quiet connection: it keeps nothing.
+            let quiet = self.end < QUIET_WRITE;
             self.sent = 0;
             self.end = 0;
-            if self.buf.capacity() > KEEP_OUT {
+            if quiet || self.buf.capacity() > KEEP_OUT {
                 self.buf = Vec::new();
             }
         }
