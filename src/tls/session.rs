@@ -97,6 +97,9 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// Takes received plaintext; returns how many bytes it took.
+pub type PlaintextSink<'a> = &'a mut dyn FnMut(&[u8]) -> usize;
+
 /// What stopped a [`Session::process`] run.
 enum Stop {
     /// rustls needs more ciphertext (or, with nothing to encrypt, could
@@ -208,7 +211,7 @@ impl Session {
     /// [`Session::process`], handing plaintext to `sink` first (it returns
     /// how much it took; the rest waits in [`Session::plaintext`]), which
     /// saves a copy when the reader's buffer has room.
-    pub fn process_into(&mut self, sink: &mut dyn FnMut(&[u8]) -> usize) -> Result<(), TlsFailure> {
+    pub fn process_into(&mut self, sink: PlaintextSink<'_>) -> Result<(), TlsFailure> {
         self.run(None, Some(sink)).map(|_| ())
     }
 
@@ -267,7 +270,7 @@ impl Session {
     fn run(
         &mut self,
         write: Option<&[u8]>,
-        mut sink: Option<&mut dyn FnMut(&[u8]) -> usize>,
+        mut sink: Option<PlaintextSink<'_>>,
     ) -> Result<Stop, TlsFailure> {
         if let Some(f) = &self.failed {
             return Err(f.clone());
