@@ -18,6 +18,7 @@ pub mod companion;
 pub mod config;
 pub mod http;
 pub mod keyfile;
+pub mod map_source;
 pub mod memory;
 pub mod mesh;
 pub mod metrics;

@@ -116,6 +116,21 @@ fn derp_handshake(c: &mut RawTls) {
     assert!(matches!(frame, Frame::ServerInfo { .. }), "{frame:?}");
 }
 
+/// Connects a hand-driven client to a fresh relay, lets `send` write what
+/// it likes, and returns everything the relay sent back until it closed.
+async fn relay_answer_to(send: impl FnOnce(&mut RawTls) + Send + 'static) -> Vec<Received> {
+    let ca = TestCa::new();
+    let (server, _dir) = tls_server(&ca).await;
+    let mut c = raw_client(&server, &ca).await;
+    let seen = blocking(move || {
+        send(&mut c);
+        c.recv_until_closed()
+    })
+    .await;
+    server.shutdown().await;
+    seen
+}
+
 fn assert_fatal_alert_then_close(seen: &[Received], description: u8) {
     assert_eq!(
         alerts(seen),
@@ -281,18 +296,13 @@ async fn openssl_key_update_then_request_is_answered_every_time() {
 /// at a record boundary (RFC 8446 §5.1): unexpected_message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_of_key_updates_is_refused_with_unexpected_message() {
-    let ca = TestCa::new();
-    let (server, _dir) = tls_server(&ca).await;
-    let mut c = raw_client(&server, &ca).await;
-    let seen = blocking(move || {
+    let seen = relay_answer_to(|c| {
         let payload = tls_raw::KEY_UPDATE_NOT_REQUESTED.repeat(3276);
         let record = c.seal(tls_raw::HANDSHAKE, &payload, 0);
         c.send(&record).unwrap();
-        c.recv_until_closed()
     })
     .await;
     assert_fatal_alert_then_close(&seen, tls_raw::UNEXPECTED_MESSAGE);
-    server.shutdown().await;
 }
 
 /// Finding 2: KeyUpdate records in a row are capped (rustls allows 32
@@ -372,18 +382,13 @@ async fn an_oversized_record_is_refused_with_record_overflow() {
 /// a silent close) and no close_notify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_record_before_the_request_gets_bad_record_mac() {
-    let ca = TestCa::new();
-    let (server, _dir) = tls_server(&ca).await;
-    let mut c = raw_client(&server, &ca).await;
-    let seen = blocking(move || {
+    let seen = relay_answer_to(|c| {
         let mut record = c.seal(tls_raw::APPLICATION_DATA, REQUEST, 0);
         *record.last_mut().unwrap() ^= 1;
         c.send(&record).unwrap();
-        c.recv_until_closed()
     })
     .await;
     assert_fatal_alert_then_close(&seen, tls_raw::BAD_RECORD_MAC);
-    server.shutdown().await;
 }
 
 /// Finding 3, DERP phase: after the DERP handshake, a record with a bad tag
@@ -391,11 +396,8 @@ async fn a_forged_record_before_the_request_gets_bad_record_mac() {
 /// orderly close_notify here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_record_during_derp_gets_bad_record_mac_and_no_close_notify() {
-    let ca = TestCa::new();
-    let (server, _dir) = tls_server(&ca).await;
-    let mut c = raw_client(&server, &ca).await;
-    let seen = blocking(move || {
-        derp_handshake(&mut c);
+    let seen = relay_answer_to(|c| {
+        derp_handshake(c);
         // A ping frame, forged.
         let mut record = c.seal(
             tls_raw::APPLICATION_DATA,
@@ -405,11 +407,9 @@ async fn a_forged_record_during_derp_gets_bad_record_mac_and_no_close_notify() {
         let at = record.len() - 3;
         record[at] ^= 0x40;
         c.send(&record).unwrap();
-        c.recv_until_closed()
     })
     .await;
     assert_fatal_alert_then_close(&seen, tls_raw::BAD_RECORD_MAC);
-    server.shutdown().await;
 }
 
 /// Kept from the old layer: part of a record counts as a frame in progress,

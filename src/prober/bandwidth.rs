@@ -9,11 +9,10 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
-use super::dial::{self, TlsConfigs};
+use super::dial::TlsConfigs;
 use super::map::Node;
 use super::mesh::{self, PacketEnd};
 use super::probe::Outcome;
-use crate::proto::NodePrivate;
 
 /// Payload bytes per packet.
 const CHUNK: usize = 16 << 10;
@@ -30,20 +29,9 @@ pub async fn probe(
 ) -> Outcome {
     let start = Instant::now();
     let deadline = start + timeout;
-    let ends = async {
-        let (k1, k2) = (NodePrivate::generate(), NodePrivate::generate());
-        let a = dial::derp(from, tls, &k1)
-            .await
-            .map_err(|e| format!("client on {}: {e}", from.name))?;
-        let b = dial::derp(to, tls, &k2)
-            .await
-            .map_err(|e| format!("client on {}: {e}", to.name))?;
-        Ok::<_, String>((a, b))
-    };
-    let (mut a, mut b) = match tokio::time::timeout_at(deadline, ends).await {
-        Ok(Ok(ends)) => ends,
-        Ok(Err(e)) => return Outcome::fail(start.elapsed(), e),
-        Err(_) => return Outcome::fail(start.elapsed(), "connecting the two clients timed out"),
+    let (mut a, mut b) = match mesh::connect_pair(from, to, tls, deadline).await {
+        Ok(ends) => ends,
+        Err(e) => return Outcome::fail(start.elapsed(), e),
     };
     let warm = mesh::exchange(&mut a, &mut b, &from.name, &to.name, deadline).await;
     if !warm.is_ok() {

@@ -9,14 +9,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Largest DERP map accepted.
-pub const MAX_MAP_BYTES: usize = 4 << 20;
-/// How long fetching a map over HTTP may take.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The STUN port of a node whose map entry says 0.
 pub const DEFAULT_STUN_PORT: u16 = 3478;
 
@@ -285,57 +280,13 @@ pub async fn load(
 ) -> Result<DerpMap, String> {
     let mut parsed = Vec::new();
     for source in sources {
-        let bytes = if source.starts_with("http://") || source.starts_with("https://") {
-            tokio::time::timeout(FETCH_TIMEOUT, fetch(source, ca_file))
-                .await
-                .map_err(|_| format!("DERP map {source}: no answer within {FETCH_TIMEOUT:?}"))??
-        } else {
-            read_file(source).await?
-        };
+        let bytes = crate::map_source::read(source, || {
+            crate::trust::client_config(ca_file).map_err(|e| e.to_string())
+        })
+        .await?;
         parsed.push(parse(&bytes).map_err(|e| format!("DERP map {source}: {e}"))?);
     }
     merge(parsed, select)
-}
-
-async fn read_file(source: &str) -> Result<Vec<u8>, String> {
-    let meta = tokio::fs::metadata(source)
-        .await
-        .map_err(|e| format!("DERP map {source}: {e}"))?;
-    if meta.len() > MAX_MAP_BYTES as u64 {
-        return Err(format!(
-            "DERP map {source}: larger than {MAX_MAP_BYTES} bytes"
-        ));
-    }
-    tokio::fs::read(source)
-        .await
-        .map_err(|e| format!("DERP map {source}: {e}"))
-}
-
-async fn fetch(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    let tls = crate::trust::client_config(ca_file).map_err(|e| e.to_string())?;
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(https);
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("DERP map {url}: {e}"))?;
-    let resp = client
-        .get(uri)
-        .await
-        .map_err(|e| format!("DERP map {url}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("DERP map {url}: HTTP {}", resp.status()));
-    }
-    let body = Limited::new(resp.into_body(), MAX_MAP_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("DERP map {url}: {e}"))?;
-    Ok(body.to_bytes().to_vec())
 }
 
 #[cfg(test)]

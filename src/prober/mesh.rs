@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::dial::{self, TlsConfigs};
 use super::map::Node;
 use super::probe::Outcome;
-use crate::client::Client;
+use crate::client::{Client, DynClient};
 use crate::proto::{Frame, NodePrivate, NodePublic};
 
 /// How often K1 sends while waiting for the path to K2 to exist.
@@ -57,10 +57,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> PacketEnd for Client<S> {
     }
 }
 
-/// Runs the probe from `from` to `to` for at most `timeout`.
-pub async fn probe(from: &Node, to: &Node, tls: &TlsConfigs, timeout: Duration) -> Outcome {
-    let start = Instant::now();
-    let deadline = start + timeout;
+/// A fresh client on `from` and one on `to`, both connected by `deadline`.
+pub(super) async fn connect_pair(
+    from: &Node,
+    to: &Node,
+    tls: &TlsConfigs,
+    deadline: Instant,
+) -> Result<(DynClient, DynClient), String> {
     let ends = async {
         let (k1, k2) = (NodePrivate::generate(), NodePrivate::generate());
         let a = dial::derp(from, tls, &k1)
@@ -69,12 +72,21 @@ pub async fn probe(from: &Node, to: &Node, tls: &TlsConfigs, timeout: Duration) 
         let b = dial::derp(to, tls, &k2)
             .await
             .map_err(|e| format!("client on {}: {e}", to.name))?;
-        Ok::<_, String>((a, b))
+        Ok((a, b))
     };
-    let (mut a, mut b) = match tokio::time::timeout_at(deadline, ends).await {
-        Ok(Ok(ends)) => ends,
-        Ok(Err(e)) => return Outcome::fail(start.elapsed(), e),
-        Err(_) => return Outcome::fail(start.elapsed(), "connecting the two clients timed out"),
+    match tokio::time::timeout_at(deadline, ends).await {
+        Ok(ends) => ends,
+        Err(_) => Err("connecting the two clients timed out".into()),
+    }
+}
+
+/// Runs the probe from `from` to `to` for at most `timeout`.
+pub async fn probe(from: &Node, to: &Node, tls: &TlsConfigs, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let (mut a, mut b) = match connect_pair(from, to, tls, deadline).await {
+        Ok(ends) => ends,
+        Err(e) => return Outcome::fail(start.elapsed(), e),
     };
     exchange(&mut a, &mut b, &from.name, &to.name, deadline).await
 }

@@ -129,11 +129,6 @@ impl Session {
         self.conn.is_handshaking()
     }
 
-    /// The negotiated protocol version, once known.
-    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
-        self.conn.protocol_version()
-    }
-
     /// The buffer received ciphertext is appended to. Call
     /// [`Session::process`] after appending.
     pub fn incoming_mut(&mut self) -> &mut BytesMut {

@@ -7,14 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use serde::Deserialize;
-
-/// Largest DERP map accepted.
-pub const MAX_MAP_BYTES: usize = 4 << 20;
-/// How long fetching a map over HTTP may take.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One relay to dial.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,56 +137,16 @@ fn target(node: &Node) -> Option<RelayTarget> {
 /// Reads the map at `source` (a path, or an `http(s)://` URL) and returns
 /// its relays.
 pub async fn load(source: &str, regions: &[i64]) -> Result<Vec<RelayTarget>, String> {
-    let bytes = if source.starts_with("http://") || source.starts_with("https://") {
-        tokio::time::timeout(FETCH_TIMEOUT, fetch(source))
-            .await
-            .map_err(|_| format!("DERP map {source}: no answer within {FETCH_TIMEOUT:?}"))??
-    } else {
-        let meta = tokio::fs::metadata(source)
-            .await
-            .map_err(|e| format!("DERP map {source}: {e}"))?;
-        if meta.len() > MAX_MAP_BYTES as u64 {
-            return Err(format!(
-                "DERP map {source}: larger than {MAX_MAP_BYTES} bytes"
-            ));
-        }
-        tokio::fs::read(source)
-            .await
-            .map_err(|e| format!("DERP map {source}: {e}"))?
-    };
+    let bytes = crate::map_source::read(source, || {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        Ok(rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    })
+    .await?;
     parse(&bytes, regions).map_err(|e| format!("{source}: {e}"))
-}
-
-async fn fetch(url: &str) -> Result<Vec<u8>, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(https);
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("DERP map {url}: {e}"))?;
-    let resp = client
-        .get(uri)
-        .await
-        .map_err(|e| format!("DERP map {url}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("DERP map {url}: HTTP {}", resp.status()));
-    }
-    let body = Limited::new(resp.into_body(), MAX_MAP_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("DERP map {url}: {e}"))?;
-    Ok(body.to_bytes().to_vec())
 }
 
 #[cfg(test)]
