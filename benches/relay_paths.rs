@@ -162,6 +162,7 @@ fn bench_outbox(c: &mut Criterion) {
                         payload: payload.clone(),
                     },
                     false,
+                    1,
                 ));
             }
             assert!(outbox.take(&mut batch));

@@ -90,9 +90,12 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(flags: Settings) -> Result<(), String> {
+async fn serve(flags: Settings, malloc_note: Option<String>) -> Result<(), String> {
     let settings = flags.clone().with_file().map_err(|e| e.to_string())?;
     init_logging(settings.log_format.unwrap_or_default());
+    if let Some(note) = malloc_note {
+        tracing::warn!("{note}");
+    }
     let config = settings.resolve().map_err(|e| e.to_string())?;
     let key = match settings.key_file_path() {
         None => NodePrivate::generate(),
@@ -217,6 +220,13 @@ async fn prober(args: &derpd::prober::ProberArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(derpd::config::go_style_args(std::env::args_os()));
+    // The relay runs with glibc's per-thread malloc caches off, so memory
+    // comes back after a crowd leaves (derpd::memory): set for the process
+    // by executing it again, first thing, before any thread exists.
+    let malloc_note = match cli.command {
+        None | Some(Command::Serve(_)) => derpd::memory::reexec_with_tunables(),
+        _ => None,
+    };
     // As Go's runtime does: every subcommand may use as many file
     // descriptors as the hard limit allows (logged once logging is set up).
     let _ = derpd::rlimit::raise_nofile();
@@ -233,7 +243,7 @@ fn main() -> ExitCode {
     .build()
     .expect("tokio runtime");
     let result = match command {
-        Command::Serve(settings) => rt.block_on(serve(*settings)),
+        Command::Serve(settings) => rt.block_on(serve(*settings, malloc_note)),
         Command::Keygen {
             out: Some(path), ..
         } => derpd::keyfile::create_new(&path)

@@ -12,7 +12,20 @@
 //! milliseconds for hundreds of megabytes) and only after such a drop, so
 //! relaying under steady load never pays for it. docs/PERFORMANCE.md
 //! ("Reconnect storms (issue 19)") has the measurements behind this choice.
+//!
+//! Trimming cannot release a page that still holds a live chunk, and
+//! glibc's per-thread caches (tcache: up to seven freed chunks of each small
+//! size per thread, kept for reuse) are live as far as the arena knows.
+//! After a crowd leaves, the last chunks each worker freed are scattered
+//! over its arena and pin about 1.5 MiB per worker thread. So the relay runs
+//! with glibc's thread caches off: [`reexec_with_tunables`] sets
+//! `GLIBC_TUNABLES=glibc.malloc.tcache_count=0` for the process (glibc reads
+//! tunables only at start, so it executes itself again once, keeping its
+//! PID and arguments) unless the operator's `GLIBC_TUNABLES` already says
+//! something about the tcache. Small allocations then go through the
+//! thread's own arena (uncontended; fastbins still cache the smallest).
 
+use std::ffi::{OsStr, OsString};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,10 +42,13 @@ pub const MIN_DROP: i64 = 256;
 
 /// Whether to trim now: the connection count fell from the peak seen since
 /// the last trim by at least [`MIN_DROP`] and by at least a tenth of the
-/// peak. Pure, for tests.
-pub fn should_trim(peak_since_trim: i64, now: i64) -> bool {
+/// peak, and the relay is quiet: fewer than [`MIN_DROP`] handshakes since
+/// the last look (in a reconnect storm the clients that left are coming
+/// back; trimming then would only make them fault the pages in again, on
+/// the cores the storm needs). Pure, for tests.
+pub fn should_trim(peak_since_trim: i64, now: i64, handshakes_since_last_look: u64) -> bool {
     let fell = peak_since_trim - now;
-    fell >= MIN_DROP && fell * 10 >= peak_since_trim
+    fell >= MIN_DROP && fell * 10 >= peak_since_trim && handshakes_since_last_look < MIN_DROP as u64
 }
 
 /// Whether this build can give arena memory back (`malloc_trim` is
@@ -53,6 +69,52 @@ pub fn trim() -> bool {
     }
 }
 
+/// The glibc tunable the relay runs with (see the module doc).
+pub const TCACHE_OFF: &str = "glibc.malloc.tcache_count=0";
+
+/// `GLIBC_TUNABLES` for the relay, given the current value: ours appended,
+/// or `None` when it already sets the tcache (the operator's choice wins;
+/// also what stops a second re-execution). Pure, for tests.
+pub fn tunables_for_relay(current: Option<&OsStr>) -> Option<OsString> {
+    let current = current.map(|c| c.to_string_lossy().into_owned());
+    match current.as_deref() {
+        Some(c) if c.contains("glibc.malloc.tcache") => None,
+        Some(c) if !c.is_empty() => Some(format!("{c}:{TCACHE_OFF}").into()),
+        _ => Some(TCACHE_OFF.into()),
+    }
+}
+
+/// Executes this program again, with the same arguments and PID, with
+/// glibc's thread caches off (see the module doc). Call it first thing in
+/// `main`, before any thread exists. Returns only when it did not: not a
+/// glibc build, the tunable is already set, or the exec failed (then the
+/// relay runs as it is; the reason is returned for the log).
+pub fn reexec_with_tunables() -> Option<String> {
+    if !CAN_TRIM {
+        return None;
+    }
+    let value = tunables_for_relay(std::env::var_os("GLIBC_TUNABLES").as_deref())?;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        let mut args = std::env::args_os();
+        let arg0 = args.next().unwrap_or_else(|| "derpd".into());
+        let err = std::process::Command::new("/proc/self/exe")
+            .arg0(arg0)
+            .args(args)
+            .env("GLIBC_TUNABLES", value)
+            .exec();
+        return Some(format!(
+            "running with glibc's thread caches on (re-executing with GLIBC_TUNABLES failed: {err})"
+        ));
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = value;
+        None
+    }
+}
+
 /// Watches the connection count and trims after each large drop, until
 /// `stop`.
 /// `shrink` first gives back what the caller's own tables hold for
@@ -67,16 +129,20 @@ pub async fn trim_after_drops(
     }
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut handshakes_seen = metrics.accepts.get();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
         let now = metrics.current_connections.get();
+        let handshakes = metrics.accepts.get();
+        let recent = handshakes.saturating_sub(handshakes_seen);
+        handshakes_seen = handshakes;
         // The registry raises the high-water mark on every connection, so
         // a peak between two looks is not missed.
         let peak = metrics.connections_high_water.load(Ordering::Relaxed);
-        if should_trim(peak, now) {
+        if should_trim(peak, now, recent) {
             let started = std::time::Instant::now();
             shrink();
             let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
@@ -100,14 +166,43 @@ mod tests {
     #[test]
     fn trims_after_a_large_drop_only() {
         // A storm's clients leave.
-        assert!(should_trim(19_000, 10));
-        assert!(should_trim(19_000, 17_000));
+        assert!(should_trim(19_000, 10, 0));
+        assert!(should_trim(19_000, 17_000, 3));
         // Small drops and ordinary churn do not.
-        assert!(!should_trim(19_000, 18_000));
-        assert!(!should_trim(1_000, 800));
-        assert!(!should_trim(200, 0));
-        assert!(!should_trim(5_000, 5_000));
-        assert!(!should_trim(0, 0));
+        assert!(!should_trim(19_000, 18_000, 0));
+        assert!(!should_trim(1_000, 800, 0));
+        assert!(!should_trim(200, 0, 0));
+        assert!(!should_trim(5_000, 5_000, 0));
+        assert!(!should_trim(0, 0, 0));
+    }
+
+    #[test]
+    fn waits_while_the_clients_come_back() {
+        // They left and are redialing: not yet.
+        assert!(!should_trim(19_000, 4_000, 4_000));
+        assert!(!should_trim(19_000, 10, MIN_DROP as u64));
+        // Quiet again.
+        assert!(should_trim(19_000, 10, MIN_DROP as u64 - 1));
+    }
+
+    #[test]
+    fn tunables_turn_the_tcache_off_unless_the_operator_set_it() {
+        let v = |c: Option<&str>| {
+            tunables_for_relay(c.map(OsStr::new)).map(|s| s.into_string().unwrap())
+        };
+        assert_eq!(v(None).as_deref(), Some(TCACHE_OFF));
+        assert_eq!(v(Some("")).as_deref(), Some(TCACHE_OFF));
+        assert_eq!(
+            v(Some("glibc.malloc.arena_max=2")).as_deref(),
+            Some("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0")
+        );
+        // Already set (by the operator, or by our own first execution).
+        assert_eq!(v(Some(TCACHE_OFF)), None);
+        assert_eq!(v(Some("glibc.malloc.tcache_count=7")), None);
+        assert_eq!(
+            v(Some("glibc.malloc.arena_max=1:glibc.malloc.tcache_max=64")),
+            None
+        );
     }
 
     #[test]

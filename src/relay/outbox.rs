@@ -1,7 +1,13 @@
 //! A connection's bounded outgoing queues.
 //!
 //! Senders never block: a full packet queue evicts its oldest packet (counted
-//! as `queue_head`). Disco packets have a queue of their own so NAT-traversal
+//! as `queue_head`). The depth bounds what is queued from *earlier* reads:
+//! packets that arrived together (one read of a sender's socket, which a
+//! sender whose reader was late delivers all at once) never evict each
+//! other, up to [`ARRIVAL_EXTRA`] times the depth. Reading frame by frame
+//! with the writer running in parallel, as Tailscale's relay does, gives
+//! the writer the same chance to drain a burst; a batch must not lose what
+//! a frame-by-frame reader would have delivered. Disco packets have a queue of their own so NAT-traversal
 //! messages are not starved by bulk traffic. The writer takes everything
 //! queued at once (swapping buffers, so the lock is held only for the swap)
 //! and writes it as one batch.
@@ -24,13 +30,24 @@ pub struct QueuedPacket {
     pub payload: Bytes,
 }
 
+/// How many depths' worth of packets of one arrival may be queued beyond
+/// the depth (so a queue holds at most `depth * (1 + ARRIVAL_EXTRA)`, and
+/// past `depth` only packets of one read, which share its buffer).
+pub const ARRIVAL_EXTRA: usize = 7;
+
 /// What happened to an offered packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueued {
     /// Queued with room to spare.
     Ok,
-    /// Queued, but the oldest packet (of this many payload bytes) was evicted.
-    EvictedHead(usize),
+    /// Queued, but older packets were evicted: how many, and their payload
+    /// bytes.
+    EvictedHead {
+        /// Packets evicted.
+        packets: u64,
+        /// Their payload bytes.
+        bytes: u64,
+    },
     /// Not queued: the connection is closing.
     Closed,
 }
@@ -71,6 +88,10 @@ impl Batch {
 
 struct State {
     queued: Batch,
+    /// The arrival the last packet came with, and how many packets it has
+    /// brought so far (saturating; small, so the state does not grow).
+    arrival: u32,
+    arrived: u16,
     closed: bool,
     /// Close once everything queued so far is written.
     finishing: bool,
@@ -94,6 +115,8 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State {
                 queued: Batch::default(),
+                arrival: 0,
+                arrived: 0,
                 closed: false,
                 finishing: false,
             }),
@@ -103,8 +126,11 @@ impl Outbox {
         }
     }
 
-    /// Offers a packet. Never blocks; a full queue drops its oldest packet.
-    pub fn push_packet(&self, pkt: QueuedPacket, disco: bool) -> Enqueued {
+    /// Offers a packet that came with `arrival` (a token the sender's
+    /// reader changes with every read). Never blocks; a full queue drops
+    /// its oldest packets, but packets of the same arrival do not count
+    /// against the depth (see the module doc).
+    pub fn push_packet(&self, pkt: QueuedPacket, disco: bool, arrival: u32) -> Enqueued {
         let mut st = self.state.lock();
         if st.closed {
             return Enqueued::Closed;
@@ -114,14 +140,26 @@ impl Outbox {
         if was_empty {
             st.queued.oldest = Some(std::time::Instant::now());
         }
+        if st.arrival != arrival {
+            st.arrival = arrival;
+            st.arrived = 0;
+        }
+        let extra = usize::from(st.arrived).min(self.depth * ARRIVAL_EXTRA);
+        st.arrived = st.arrived.saturating_add(1);
+        let room = self.depth + extra;
         let q = if disco {
             &mut st.queued.disco
         } else {
             &mut st.queued.packets
         };
-        if q.len() >= self.depth {
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        while q.len() >= room {
             let old = q.pop_front().expect("a full queue is not empty");
-            result = Enqueued::EvictedHead(old.payload.len());
+            packets += 1;
+            bytes += old.payload.len() as u64;
+        }
+        if packets > 0 {
+            result = Enqueued::EvictedHead { packets, bytes };
         }
         q.push_back(pkt);
         drop(st);
@@ -238,19 +276,65 @@ mod tests {
         }
     }
 
+    fn evicted(packets: u64, bytes: u64) -> Enqueued {
+        Enqueued::EvictedHead { packets, bytes }
+    }
+
+    fn srcs(b: &Batch) -> Vec<u8> {
+        b.packets.iter().map(|p| p.src.0[0]).collect()
+    }
+
     #[test]
     fn full_queue_evicts_oldest() {
         let o = Outbox::new(2, 4);
-        assert_eq!(o.push_packet(pkt(1), false), Enqueued::Ok);
-        assert_eq!(o.push_packet(pkt(2), false), Enqueued::Ok);
-        assert_eq!(o.push_packet(pkt(3), false), Enqueued::EvictedHead(1));
+        // Each packet from a read of its own.
+        assert_eq!(o.push_packet(pkt(1), false, 1), Enqueued::Ok);
+        assert_eq!(o.push_packet(pkt(2), false, 2), Enqueued::Ok);
+        assert_eq!(o.push_packet(pkt(3), false, 3), evicted(1, 1));
         // The disco queue is separate.
-        assert_eq!(o.push_packet(pkt(4), true), Enqueued::Ok);
+        assert_eq!(o.push_packet(pkt(4), true, 4), Enqueued::Ok);
         let mut b = Batch::default();
         assert!(o.take(&mut b));
-        let srcs: Vec<u8> = b.packets.iter().map(|p| p.src.0[0]).collect();
-        assert_eq!(srcs, vec![2, 3]);
+        assert_eq!(srcs(&b), vec![2, 3]);
         assert_eq!(b.disco.len(), 1);
+    }
+
+    #[test]
+    fn packets_of_one_read_do_not_evict_each_other() {
+        let o = Outbox::new(2, 4);
+        for n in 1..=5 {
+            assert_eq!(o.push_packet(pkt(n), false, 7), Enqueued::Ok);
+        }
+        let mut b = Batch::default();
+        assert!(o.take(&mut b));
+        assert_eq!(srcs(&b), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn the_next_read_brings_the_queue_back_to_its_depth() {
+        let o = Outbox::new(2, 4);
+        for n in 1..=5 {
+            o.push_packet(pkt(n), false, 7);
+        }
+        // The writer has not run: a new read may keep depth - 1 older ones.
+        assert_eq!(o.push_packet(pkt(6), false, 8), evicted(4, 1 + 2 + 3 + 4));
+        let mut b = Batch::default();
+        o.take(&mut b);
+        assert_eq!(srcs(&b), vec![5, 6]);
+    }
+
+    #[test]
+    fn one_read_is_capped_at_its_allowance() {
+        let depth = 2;
+        let o = Outbox::new(depth, 4);
+        let cap = depth * (1 + ARRIVAL_EXTRA);
+        for n in 1..=cap as u8 {
+            assert_eq!(o.push_packet(pkt(n), false, 9), Enqueued::Ok, "packet {n}");
+        }
+        assert_eq!(o.push_packet(pkt(100), false, 9), evicted(1, 1));
+        let mut b = Batch::default();
+        o.take(&mut b);
+        assert_eq!(b.packets.len(), cap);
     }
 
     #[test]
@@ -270,7 +354,7 @@ mod tests {
     #[test]
     fn finishing_outbox_drains_then_ends() {
         let o = Outbox::new(4, 4);
-        o.push_packet(pkt(1), false);
+        o.push_packet(pkt(1), false, 1);
         o.finish_with(Frame::Restarting {
             reconnect_in_ms: 1,
             try_for_ms: 2,
@@ -286,10 +370,10 @@ mod tests {
     #[test]
     fn closed_outbox_refuses_and_returns_leftovers() {
         let o = Outbox::new(4, 4);
-        o.push_packet(pkt(1), false);
+        o.push_packet(pkt(1), false, 1);
         let left = o.close();
         assert_eq!(left.packets.len(), 1);
-        assert_eq!(o.push_packet(pkt(2), false), Enqueued::Closed);
+        assert_eq!(o.push_packet(pkt(2), false, 2), Enqueued::Closed);
         assert!(!o.push_control(Frame::KeepAlive));
         let mut b = Batch::default();
         assert!(!o.take(&mut b));

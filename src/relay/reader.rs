@@ -149,6 +149,13 @@ pub struct Reader {
     /// PeerGone(NotHere) replies: burst 3, one per second.
     not_here: TokenBucket,
     connected_at: Instant,
+    /// Names what this reader brought in since it last had to wait for
+    /// its socket: packets read in one go, while no writer of this thread
+    /// could run, share the destination queues' burst allowance (see
+    /// [`super::outbox`]). Readers start far apart, so two readers' tokens
+    /// practically never coincide (which would only let a packet more be
+    /// queued).
+    arrival: u32,
 }
 
 /// Received-packet counts accumulated over one read, flushed once.
@@ -164,6 +171,7 @@ impl Reader {
         let mut decoder = FrameDecoder::new(Role::Server);
         decoder.allow_mesh_frames(conn.can_mesh);
         decoder.handshake_done();
+        let conn_id = conn.id;
         Reader {
             conn,
             shared,
@@ -173,6 +181,7 @@ impl Reader {
             last_fwd: None,
             not_here: TokenBucket::new(1.0, 3.0),
             connected_at: Instant::now(),
+            arrival: (conn_id as u32).wrapping_mul(0x9E37_79B9),
         }
     }
 
@@ -240,6 +249,8 @@ impl Reader {
                 if r.wait_readable().now_or_never().is_none() {
                     buf = BytesMut::new();
                     arm(&mut timer, frame_deadline, idle);
+                    // It waits: what comes next is a new arrival.
+                    self.arrival = self.arrival.wrapping_add(1);
                     let ready = tokio::select! {
                         r = r.wait_readable() => r,
                         _ = expiry(&mut timer) => return self.timed_out(frame_deadline),
@@ -268,11 +279,15 @@ impl Reader {
                     .map(|t| tokio::time::Instant::now() + t);
             }
             arm(&mut timer, frame_deadline, idle);
+            let mut waited = false;
             let n = tokio::select! {
-                r = r.read_buf(&mut buf) => r,
+                r = noting_wait(r.read_buf(&mut buf), &mut waited) => r,
                 _ = expiry(&mut timer) => return self.timed_out(frame_deadline),
                 _ = &mut cancelled => return ReaderEnd::Closed,
             };
+            if waited {
+                self.arrival = self.arrival.wrapping_add(1);
+            }
             match n {
                 Ok(0) => return ReaderEnd::Eof,
                 Ok(n) => {
@@ -303,10 +318,11 @@ impl Reader {
     /// Handles every complete frame in `buf`.
     fn drain(&mut self, buf: &mut BytesMut) -> Result<(), ReaderEnd> {
         let mut tally = Tally::default();
+        let arrival = self.arrival;
         let result = loop {
             match self.decoder.decode(buf) {
                 Ok(Some(frame)) => {
-                    if let Err(e) = self.handle(frame, &mut tally) {
+                    if let Err(e) = self.handle(frame, &mut tally, arrival) {
                         break Err(e);
                     }
                 }
@@ -328,7 +344,7 @@ impl Reader {
         result
     }
 
-    fn handle(&mut self, frame: Frame, tally: &mut Tally) -> Result<(), ReaderEnd> {
+    fn handle(&mut self, frame: Frame, tally: &mut Tally, arrival: u32) -> Result<(), ReaderEnd> {
         if !matches!(frame, Frame::Ignored { .. }) {
             self.shared.registry.note_activity(&self.conn);
         }
@@ -342,7 +358,7 @@ impl Reader {
                 };
                 t.0 += 1;
                 t.1 += payload.len() as u64;
-                self.route(dst, payload, disco);
+                self.route(dst, payload, disco, arrival);
             }
             Frame::ForwardPacket { src, dst, payload } => {
                 self.shared.metrics.packets_forwarded_in.inc();
@@ -354,7 +370,7 @@ impl Reader {
                             self.last_fwd = Some((src, dst, d.id));
                             self.shared.registry.remote.note_receiver(src, dst, d.id);
                         }
-                        self.shared.enqueue(&d, src, payload, disco)
+                        self.shared.enqueue(&d, src, payload, disco, arrival)
                     }
                     None => self
                         .shared
@@ -387,7 +403,7 @@ impl Reader {
     }
 
     /// Routes a SendPacket from this connection to `dst`.
-    fn route(&mut self, dst: NodePublic, payload: bytes::Bytes, disco: bool) {
+    fn route(&mut self, dst: NodePublic, payload: bytes::Bytes, disco: bool, arrival: u32) {
         let shared = &self.shared;
         match shared.registry.lookup(&dst) {
             Some(d) => {
@@ -395,7 +411,7 @@ impl Reader {
                     self.last_dst = Some((dst, d.id));
                     self.sent_to.insert(dst, d.id);
                 }
-                shared.enqueue(&d, self.conn.key, payload, disco);
+                shared.enqueue(&d, self.conn.key, payload, disco, arrival);
             }
             None => {
                 // Not local: a mesh peer may have it (queued, never blocks).
@@ -443,19 +459,44 @@ impl Reader {
 
 impl Shared {
     /// Offers a packet to a destination connection, counting any drop.
+    /// `arrival` names what the sender's reader brought in at once (see
+    /// [`super::outbox`]).
     #[inline]
-    pub fn enqueue(&self, dst: &ClientConn, src: NodePublic, payload: bytes::Bytes, disco: bool) {
+    pub fn enqueue(
+        &self,
+        dst: &ClientConn,
+        src: NodePublic,
+        payload: bytes::Bytes,
+        disco: bool,
+        arrival: u32,
+    ) {
         let len = payload.len() as u64;
-        match dst.outbox.push_packet(QueuedPacket { src, payload }, disco) {
+        match dst
+            .outbox
+            .push_packet(QueuedPacket { src, payload }, disco, arrival)
+        {
             Enqueued::Ok => {}
-            Enqueued::EvictedHead(old_len) => self
+            Enqueued::EvictedHead { packets, bytes } => self
                 .metrics
                 .dropped(DropReason::QueueHead, disco)
-                .add(1, old_len as u64),
+                .add(packets, bytes),
             Enqueued::Closed => self
                 .metrics
                 .dropped(DropReason::GoneDisconnected, disco)
                 .add(1, len),
         }
     }
+}
+
+/// Runs `fut`, setting `waited` if it had to wait (returned `Pending`).
+async fn noting_wait<F: std::future::Future>(fut: F, waited: &mut bool) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        let p = fut.as_mut().poll(cx);
+        if p.is_pending() {
+            *waited = true;
+        }
+        p
+    })
+    .await
 }
