@@ -168,6 +168,21 @@ pub struct IdleClients {
     keys: Vec<NodePrivate>,
     conns: Vec<Option<std::net::TcpStream>>,
     gate: crate::relay::HandshakeGate,
+    /// The idle clients' dials run on a runtime of their own: in a storm
+    /// their TLS and DERP handshakes would otherwise sit in the run queues
+    /// of the measured pairs' senders and receivers, and the load
+    /// generator's own delay would be counted as relay latency (the clients
+    /// that stay and those that redial are different machines in life).
+    dialer: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for IdleClients {
+    fn drop(&mut self) {
+        // Dropped inside the bench's runtime: a runtime may not block there.
+        if let Some(rt) = self.dialer.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The outcome of [`IdleClients::connect_all`].
@@ -195,6 +210,12 @@ impl IdleClients {
                 Some(crate::relay::gate::default_parallelism()),
                 Arc::new(crate::metrics::Metrics::new()),
             ),
+            dialer: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(crate::relay::gate::default_parallelism())
+                .thread_name("bench-dial")
+                .enable_all()
+                .build()
+                .ok(),
         }
     }
 
@@ -245,7 +266,7 @@ impl IdleClients {
                     (self.url.clone(), self.keys[i].clone(), counters.clone());
                 let (insecure, source) = (self.insecure, source_addr(i, self.sources));
                 let gate = self.gate.clone();
-                set.spawn(async move {
+                let task = async move {
                     // One dial step at a time: the bench's own TLS client
                     // handshakes must not starve its measuring pairs.
                     let dial = Box::pin(dial_retrying(
@@ -253,7 +274,11 @@ impl IdleClients {
                     ));
                     let r = gate.gated(dial).await;
                     (i, r)
-                });
+                };
+                match &self.dialer {
+                    Some(rt) => set.spawn_on(task, rt.handle()),
+                    None => set.spawn(task),
+                };
             }
             match set.join_next().await {
                 Some(Ok((i, Ok(s)))) => {
