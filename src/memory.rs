@@ -72,6 +72,9 @@ pub fn trim() -> bool {
 /// The glibc tunable the relay runs with (see the module doc).
 pub const TCACHE_OFF: &str = "glibc.malloc.tcache_count=0";
 
+/// Set in the environment of the second execution.
+const REEXECUTED: &str = "DERPD_MALLOC_TUNED";
+
 /// `GLIBC_TUNABLES` for the relay, given the current value: ours appended,
 /// or `None` when it already sets the tcache (the operator's choice wins;
 /// also what stops a second re-execution). Pure, for tests.
@@ -90,7 +93,7 @@ pub fn tunables_for_relay(current: Option<&OsStr>) -> Option<OsString> {
 /// glibc build, the tunable is already set, or the exec failed (then the
 /// relay runs as it is; the reason is returned for the log).
 pub fn reexec_with_tunables() -> Option<String> {
-    if !CAN_TRIM {
+    if !CAN_TRIM || std::env::var_os(REEXECUTED).is_some() {
         return None;
     }
     let value = tunables_for_relay(std::env::var_os("GLIBC_TUNABLES").as_deref())?;
@@ -103,6 +106,9 @@ pub fn reexec_with_tunables() -> Option<String> {
             .arg0(arg0)
             .args(args)
             .env("GLIBC_TUNABLES", value)
+            // glibc may rewrite GLIBC_TUNABLES while it parses it: this
+            // marks the second execution for certain, so it never loops.
+            .env(REEXECUTED, "1")
             .exec();
         return Some(format!(
             "running with glibc's thread caches on (re-executing with GLIBC_TUNABLES failed: {err})"
