@@ -89,36 +89,35 @@ pub fn tunables_for_relay(current: Option<&OsStr>) -> Option<OsString> {
 
 /// Executes this program again, with the same arguments and PID, with
 /// glibc's thread caches off (see the module doc). Call it first thing in
-/// `main`, before any thread exists. Returns only when it did not: not a
-/// glibc build, the tunable is already set, or the exec failed (then the
-/// relay runs as it is; the reason is returned for the log).
+/// `main`, before any thread exists. Returns only when it did not: the
+/// tunable is already set, or the exec failed (then the relay runs as it
+/// is; the reason is returned for the log).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn reexec_with_tunables() -> Option<String> {
-    if !CAN_TRIM || std::env::var_os(REEXECUTED).is_some() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(REEXECUTED).is_some() {
         return None;
     }
     let value = tunables_for_relay(std::env::var_os("GLIBC_TUNABLES").as_deref())?;
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::unix::process::CommandExt;
-        let mut args = std::env::args_os();
-        let arg0 = args.next().unwrap_or_else(|| "derpd".into());
-        let err = std::process::Command::new("/proc/self/exe")
-            .arg0(arg0)
-            .args(args)
-            .env("GLIBC_TUNABLES", value)
-            // glibc may rewrite GLIBC_TUNABLES while it parses it: this
-            // marks the second execution for certain, so it never loops.
-            .env(REEXECUTED, "1")
-            .exec();
-        return Some(format!(
-            "running with glibc's thread caches on (re-executing with GLIBC_TUNABLES failed: {err})"
-        ));
-    }
-    #[allow(unreachable_code)]
-    {
-        let _ = value;
-        None
-    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "derpd".into());
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env("GLIBC_TUNABLES", value)
+        // glibc may rewrite GLIBC_TUNABLES while it parses it: this marks
+        // the second execution for certain, so it never loops.
+        .env(REEXECUTED, "1")
+        .exec();
+    Some(format!(
+        "running with glibc's thread caches on (re-executing with GLIBC_TUNABLES failed: {err})"
+    ))
+}
+
+/// Not a glibc build: nothing to set.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn reexec_with_tunables() -> Option<String> {
+    None
 }
 
 /// Watches the connection count and trims after each large drop, until

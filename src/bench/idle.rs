@@ -167,8 +167,8 @@ pub struct IdleClients {
     sources: usize,
     keys: Vec<NodePrivate>,
     conns: Vec<Option<std::net::TcpStream>>,
-    gate: crate::relay::HandshakeGate,
-    /// The idle clients' dials run on a runtime of their own: in a storm
+    /// The idle clients' dials run on a runtime of their own (as many
+    /// workers as the relay lets handshake steps run at once): in a storm
     /// their TLS and DERP handshakes would otherwise sit in the run queues
     /// of the measured pairs' senders and receivers, and the load
     /// generator's own delay would be counted as relay latency (the clients
@@ -206,16 +206,14 @@ impl IdleClients {
             sources,
             keys: (0..n).map(|_| NodePrivate::generate()).collect(),
             conns: (0..n).map(|_| None).collect(),
-            gate: crate::relay::HandshakeGate::new(
-                Some(crate::relay::gate::default_parallelism()),
-                Arc::new(crate::metrics::Metrics::new()),
+            dialer: Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(crate::relay::gate::default_parallelism())
+                    .thread_name("bench-dial")
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime"),
             ),
-            dialer: tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(crate::relay::gate::default_parallelism())
-                .thread_name("bench-dial")
-                .enable_all()
-                .build()
-                .ok(),
         }
     }
 
@@ -265,20 +263,12 @@ impl IdleClients {
                 let (url, key, counters) =
                     (self.url.clone(), self.keys[i].clone(), counters.clone());
                 let (insecure, source) = (self.insecure, source_addr(i, self.sources));
-                let gate = self.gate.clone();
                 let task = async move {
-                    // One dial step at a time: the bench's own TLS client
-                    // handshakes must not starve its measuring pairs.
-                    let dial = Box::pin(dial_retrying(
-                        &url, &key, insecure, source, deadline, &counters,
-                    ));
-                    let r = gate.gated(dial).await;
+                    let r = dial_retrying(&url, &key, insecure, source, deadline, &counters).await;
                     (i, r)
                 };
-                match &self.dialer {
-                    Some(rt) => set.spawn_on(task, rt.handle()),
-                    None => set.spawn(task),
-                };
+                let dialer = self.dialer.as_ref().expect("taken only on drop");
+                set.spawn_on(task, dialer.handle());
             }
             match set.join_next().await {
                 Some(Ok((i, Ok(s)))) => {
