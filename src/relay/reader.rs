@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 use super::conn::ClientConn;
 use super::outbox::{Enqueued, QueuedPacket};
@@ -279,9 +279,18 @@ impl Reader {
                     .map(|t| tokio::time::Instant::now() + t);
             }
             arm(&mut timer, frame_deadline, idle);
+            // Whether the read had to wait for the socket (then what it
+            // brings is a new arrival). A closure over the three borrows:
+            // smaller than a read future wrapped in another (this future's
+            // size is every connection's memory).
             let mut waited = false;
+            let read = std::future::poll_fn(|cx| {
+                let p = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *r), cx, &mut buf);
+                waited |= p.is_pending();
+                p
+            });
             let n = tokio::select! {
-                r = noting_wait(r.read_buf(&mut buf), &mut waited) => r,
+                r = read => r,
                 _ = expiry(&mut timer) => return self.timed_out(frame_deadline),
                 _ = &mut cancelled => return ReaderEnd::Closed,
             };
@@ -486,17 +495,4 @@ impl Shared {
                 .add(1, len),
         }
     }
-}
-
-/// Runs `fut`, setting `waited` if it had to wait (returned `Pending`).
-async fn noting_wait<F: std::future::Future>(fut: F, waited: &mut bool) -> F::Output {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
-        let p = fut.as_mut().poll(cx);
-        if p.is_pending() {
-            *waited = true;
-        }
-        p
-    })
-    .await
 }
