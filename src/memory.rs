@@ -51,6 +51,13 @@ pub fn should_trim(peak_since_trim: i64, now: i64, handshakes_since_last_look: u
     fell >= MIN_DROP && fell * 10 >= peak_since_trim && handshakes_since_last_look < MIN_DROP as u64
 }
 
+/// Whether the trim after a drop should be repeated at the next look: the
+/// count is no higher than at that trim and the relay stayed quiet. Pure,
+/// for tests.
+pub fn is_follow_up_due(now: i64, at_trim: i64, handshakes_since_last_look: u64) -> bool {
+    now <= at_trim && handshakes_since_last_look < MIN_DROP as u64
+}
+
 /// Whether this build can give arena memory back (`malloc_trim` is
 /// glibc's).
 pub const CAN_TRIM: bool = cfg!(all(target_os = "linux", target_env = "gnu"));
@@ -135,6 +142,10 @@ pub async fn trim_after_drops(
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut handshakes_seen = metrics.accepts.get();
+    // A trim while connections are still ending misses what their tasks
+    // free after they left the count: one more trim at the next look.
+    // (The count at that trim, when one is due.)
+    let mut follow_up_due: Option<i64> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -147,7 +158,11 @@ pub async fn trim_after_drops(
         // The registry raises the high-water mark on every connection, so
         // a peak between two looks is not missed.
         let peak = metrics.connections_high_water.load(Ordering::Relaxed);
-        if should_trim(peak, now, recent) {
+        let after_drop = should_trim(peak, now, recent);
+        let follow_up = follow_up_due
+            .take()
+            .is_some_and(|at_trim| is_follow_up_due(now, at_trim, recent));
+        if after_drop || follow_up {
             let started = std::time::Instant::now();
             shrink();
             let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
@@ -160,6 +175,7 @@ pub async fn trim_after_drops(
                 "connections fell; gave free memory back"
             );
             metrics.connections_high_water.store(now, Ordering::Relaxed);
+            follow_up_due = after_drop.then_some(now);
         }
     }
 }
@@ -188,6 +204,18 @@ mod tests {
         assert!(!should_trim(19_000, 10, MIN_DROP as u64));
         // Quiet again.
         assert!(should_trim(19_000, 10, MIN_DROP as u64 - 1));
+    }
+
+    #[test]
+    fn a_trim_is_repeated_once_if_nothing_came_back() {
+        // Nothing came back and it stayed quiet: trim again.
+        assert!(is_follow_up_due(0, 0, 0));
+        assert!(is_follow_up_due(500, 500, 10));
+        // More left since.
+        assert!(is_follow_up_due(100, 500, 0));
+        // Clients came back, or a storm of handshakes: no.
+        assert!(!is_follow_up_due(600, 500, 0));
+        assert!(!is_follow_up_due(0, 0, MIN_DROP as u64));
     }
 
     #[test]
