@@ -42,13 +42,25 @@ pub const MIN_DROP: i64 = 256;
 
 /// Whether to trim now: the connection count fell from the peak seen since
 /// the last trim by at least [`MIN_DROP`] and by at least a tenth of the
-/// peak, and the relay is quiet: fewer than [`MIN_DROP`] handshakes since
-/// the last look (in a reconnect storm the clients that left are coming
-/// back; trimming then would only make them fault the pages in again, on
-/// the cores the storm needs). Pure, for tests.
-pub fn should_trim(peak_since_trim: i64, now: i64, handshakes_since_last_look: u64) -> bool {
+/// peak, and the relay is quiet: the count has settled (it moved by fewer
+/// than [`MIN_DROP`] since the last look, `before`) and fewer than
+/// [`MIN_DROP`] handshakes came since then. A storm's clients take a few
+/// seconds to leave and are redialing before the last of them is gone:
+/// trimming then would stall the workers on the arena locks while the
+/// pairs that stay need them, and make the returning clients fault the
+/// pages in again. Pure, for tests.
+pub fn should_trim(
+    peak_since_trim: i64,
+    now: i64,
+    before: i64,
+    handshakes_since_last_look: u64,
+) -> bool {
     let fell = peak_since_trim - now;
-    fell >= MIN_DROP && fell * 10 >= peak_since_trim && handshakes_since_last_look < MIN_DROP as u64
+    let settled = (now - before).abs() < MIN_DROP;
+    fell >= MIN_DROP
+        && fell * 10 >= peak_since_trim
+        && settled
+        && handshakes_since_last_look < MIN_DROP as u64
 }
 
 /// Whether the trim after a drop should be repeated at the next look: the
@@ -142,6 +154,7 @@ pub async fn trim_after_drops(
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut handshakes_seen = metrics.accepts.get();
+    let mut count_seen = metrics.current_connections.get();
     // A trim while connections are still ending misses what their tasks
     // free after they left the count: one more trim at the next look.
     // (The count at that trim, when one is due.)
@@ -155,10 +168,11 @@ pub async fn trim_after_drops(
         let handshakes = metrics.accepts.get();
         let recent = handshakes.saturating_sub(handshakes_seen);
         handshakes_seen = handshakes;
+        let before = std::mem::replace(&mut count_seen, now);
         // The registry raises the high-water mark on every connection, so
         // a peak between two looks is not missed.
         let peak = metrics.connections_high_water.load(Ordering::Relaxed);
-        let after_drop = should_trim(peak, now, recent);
+        let after_drop = should_trim(peak, now, before, recent);
         let follow_up = follow_up_due
             .take()
             .is_some_and(|at_trim| is_follow_up_due(now, at_trim, recent));
@@ -186,24 +200,29 @@ mod tests {
 
     #[test]
     fn trims_after_a_large_drop_only() {
-        // A storm's clients leave.
-        assert!(should_trim(19_000, 10, 0));
-        assert!(should_trim(19_000, 17_000, 3));
+        // A storm's clients left.
+        assert!(should_trim(19_000, 10, 10, 0));
+        assert!(should_trim(19_000, 17_000, 17_000, 3));
         // Small drops and ordinary churn do not.
-        assert!(!should_trim(19_000, 18_000, 0));
-        assert!(!should_trim(1_000, 800, 0));
-        assert!(!should_trim(200, 0, 0));
-        assert!(!should_trim(5_000, 5_000, 0));
-        assert!(!should_trim(0, 0, 0));
+        assert!(!should_trim(19_000, 18_000, 18_000, 0));
+        assert!(!should_trim(1_000, 800, 800, 0));
+        assert!(!should_trim(200, 0, 0, 0));
+        assert!(!should_trim(5_000, 5_000, 5_000, 0));
+        assert!(!should_trim(0, 0, 0, 0));
     }
 
     #[test]
-    fn waits_while_the_clients_come_back() {
+    fn waits_while_the_clients_leave_or_come_back() {
+        // Still leaving (the count moved since the last look): not yet.
+        assert!(!should_trim(19_000, 12_000, 19_000, 0));
+        assert!(!should_trim(19_000, 10, 10 + MIN_DROP, 0));
+        assert!(should_trim(19_000, 10, 10 + MIN_DROP - 1, 0));
         // They left and are redialing: not yet.
-        assert!(!should_trim(19_000, 4_000, 4_000));
-        assert!(!should_trim(19_000, 10, MIN_DROP as u64));
+        assert!(!should_trim(19_000, 4_000, 4_000, 4_000));
+        assert!(!should_trim(19_000, 4_000, 1_000, 0));
+        assert!(!should_trim(19_000, 10, 10, MIN_DROP as u64));
         // Quiet again.
-        assert!(should_trim(19_000, 10, MIN_DROP as u64 - 1));
+        assert!(should_trim(19_000, 10, 10, MIN_DROP as u64 - 1));
     }
 
     #[test]
