@@ -46,9 +46,9 @@ pub const MIN_DROP: i64 = 256;
 /// than [`MIN_DROP`] since the last look, `before`) and fewer than
 /// [`MIN_DROP`] handshakes came since then. A storm's clients take a few
 /// seconds to leave and are redialing before the last of them is gone:
-/// trimming then would stall the workers on the arena locks while the
-/// pairs that stay need them, and make the returning clients fault the
-/// pages in again. Pure, for tests.
+/// trimming then would walk and lock the arenas on the cores the storm
+/// needs, and make the returning clients fault the pages in again. Pure,
+/// for tests.
 pub fn should_trim(
     peak_since_trim: i64,
     now: i64,

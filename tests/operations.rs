@@ -546,3 +546,37 @@ async fn sighup_reloads_the_rate_config() {
     }
     assert_eq!(seen, 2_000_000);
 }
+
+/// Many clients (Tailscale's own client) leave at once: once the count has
+/// settled the relay hands free memory back, and not while they were there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gives_memory_back_once_many_clients_have_left() {
+    use derpd::memory::{CAN_TRIM, CHECK_EVERY, MIN_DROP};
+    if !CAN_TRIM {
+        return;
+    }
+    let server = start().await;
+    let mut clients = Vec::new();
+    for _ in 0..MIN_DROP + 44 {
+        clients.push(ts_client(&server).await);
+    }
+    assert_eq!(
+        metric(&server, "derp_current_connections"),
+        (MIN_DROP + 44) as f64
+    );
+    // Held through a look: nothing to give back.
+    tokio::time::sleep(CHECK_EVERY + Duration::from_secs(1)).await;
+    assert_eq!(metric(&server, "derpd_memory_trims_total"), 0.0);
+
+    drop(clients);
+    // The count falls to 0 and settles; the look after that trims.
+    let deadline = tokio::time::Instant::now() + CHECK_EVERY * 3;
+    while metric(&server, "derpd_memory_trims_total") < 1.0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&server, "derp_current_connections"), 0.0);
+    assert!(metric(&server, "derpd_memory_trims_total") >= 1.0);
+    server.shutdown().await;
+}
