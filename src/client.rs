@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::proto::handshake::{open_server_info, seal_client_info};
+use crate::proto::handshake::HandshakeSecret;
 use crate::proto::{
     ClientInfo, Frame, FrameDecoder, FrameError, HandshakeError, NodePrivate, NodePublic, Role,
     ServerInfo,
@@ -124,6 +124,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         key: &NodePrivate,
         info: ClientInfo,
     ) -> Result<Self, ClientError> {
+        // aws-lc's X25519: one base-point multiplication for our public
+        // key, one agreement for both boxes.
+        let secret = HandshakeSecret::new(key);
         let mut c = Client {
             stream,
             buf,
@@ -131,17 +134,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             out: BytesMut::with_capacity(64 << 10),
             server_key: NodePublic::ZERO,
             server_info: ServerInfo::default(),
-            key: key.public(),
+            key: secret.public(),
         };
         let server_key = match c.recv().await? {
             Frame::ServerKey { key } => key,
             f => return Err(HandshakeError::FirstFrameNotServerKey(f.type_byte()).into()),
         };
-        c.send(&seal_client_info(key, &server_key, &info)).await?;
+        let peer_box = secret.peer_box(&server_key)?;
+        c.send(&peer_box.seal_client_info(c.key, &info)).await?;
         let info = match c.recv().await? {
-            Frame::ServerInfo { nonce, sealed } => {
-                open_server_info(key, &server_key, &nonce, &sealed)?
-            }
+            Frame::ServerInfo { nonce, sealed } => peer_box.open_server_info(&nonce, &sealed)?,
             f => return Err(HandshakeError::SecondFrameNotServerInfo(f.type_byte()).into()),
         };
         c.server_key = server_key;

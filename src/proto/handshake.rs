@@ -225,6 +225,18 @@ impl HandshakeSecret {
         )
     }
 
+    /// The public key of this private key (aws-lc's X25519 base-point
+    /// multiplication).
+    pub fn public(&self) -> NodePublic {
+        let public = self
+            .0
+            .compute_public_key()
+            .expect("an X25519 private key always has a public key");
+        let mut key = [0u8; KEY_LEN];
+        key.copy_from_slice(public.as_ref());
+        NodePublic(key)
+    }
+
     /// The NaCl box between this key and `peer` (X25519, then HSalsa20, as
     /// `crypto_box_beforenm`). A low-order `peer` key (whose shared secret
     /// is all zeros, so anyone could seal to it) is refused.
@@ -270,6 +282,26 @@ impl PeerBox {
         self.0
             .decrypt(nonce.into(), sealed)
             .map_err(|_| HandshakeError::BoxOpenFailed)
+    }
+
+    /// Client side: the ClientInfo frame for `info`, sealed with this box
+    /// (the client's key and the server's), announcing `client`.
+    pub fn seal_client_info(&self, client: NodePublic, info: &ClientInfo) -> Frame {
+        let (nonce, sealed) = self.seal(&info.to_json());
+        Frame::ClientInfo {
+            key: client,
+            nonce,
+            sealed,
+        }
+    }
+
+    /// Client side: opens ServerInfo and checks the protocol version.
+    pub fn open_server_info(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        sealed: &[u8],
+    ) -> Result<ServerInfo, HandshakeError> {
+        parse_server_info(&self.open(nonce, sealed)?)
     }
 
     /// Server side: opens and parses a client's ClientInfo.
@@ -349,9 +381,13 @@ pub fn open_server_info(
     nonce: &[u8; NONCE_LEN],
     sealed: &[u8],
 ) -> Result<ServerInfo, HandshakeError> {
-    let json = open(client, server, nonce, sealed)?;
+    parse_server_info(&open(client, server, nonce, sealed)?)
+}
+
+/// Parses an opened ServerInfo and checks the protocol version.
+fn parse_server_info(json: &[u8]) -> Result<ServerInfo, HandshakeError> {
     let info: ServerInfo =
-        serde_json::from_slice(&json).map_err(|e| HandshakeError::BadJson(e.to_string()))?;
+        serde_json::from_slice(json).map_err(|e| HandshakeError::BadJson(e.to_string()))?;
     if info.version != PROTOCOL_VERSION as i64 {
         return Err(HandshakeError::UnsupportedVersion(info.version));
     }

@@ -541,6 +541,54 @@ fn the_servers_precomputed_box_agrees_with_crypto_box_both_ways() {
 }
 
 #[test]
+fn the_clients_precomputed_box_agrees_with_crypto_box_both_ways() {
+    for _ in 0..20 {
+        let server = NodePrivate::generate();
+        let client = NodePrivate::generate();
+        let secret = HandshakeSecret::new(&client);
+        // aws-lc's public key is the one crypto_box derives.
+        assert_eq!(secret.public(), client.public());
+        let pbox = secret.peer_box(&server.public()).unwrap();
+        // A ClientInfo sealed with it announces the client's key and opens
+        // with crypto_box on the server's side…
+        let info = ClientInfo {
+            version: 2,
+            can_ack_pings: true,
+            ..Default::default()
+        };
+        let Frame::ClientInfo { key, nonce, sealed } =
+            pbox.seal_client_info(secret.public(), &info)
+        else {
+            panic!("not ClientInfo")
+        };
+        assert_eq!(key, client.public());
+        let opened = open_client_info(&server, &key, &nonce, &sealed).unwrap();
+        assert!(opened.can_ack_pings);
+        // …and a ServerInfo sealed by crypto_box opens with it, version
+        // checked.
+        let Frame::ServerInfo { nonce, sealed } =
+            seal_server_info(&server, &client.public(), &ServerInfo::current(5, 6))
+        else {
+            panic!("not ServerInfo")
+        };
+        let si = pbox.open_server_info(&nonce, &sealed).unwrap();
+        assert_eq!(
+            (
+                si.token_bucket_bytes_per_second,
+                si.token_bucket_bytes_burst
+            ),
+            (5, 6)
+        );
+        let mut tampered = sealed.to_vec();
+        tampered[0] ^= 1;
+        assert_eq!(
+            pbox.open_server_info(&nonce, &tampered).unwrap_err(),
+            HandshakeError::BoxOpenFailed
+        );
+    }
+}
+
+#[test]
 fn low_order_client_keys_are_refused() {
     let secret = HandshakeSecret::new(&NodePrivate::generate());
     // The zero point and the point of order 2: every shared secret is zero.
